@@ -1,0 +1,37 @@
+"""The one result type every landmark backend returns, and the backend protocol."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+Box = tuple[int, int, int, int]  # (x1, y1, x2, y2) in pixels, x2/y2 exclusive as used for slicing
+
+
+@dataclass(frozen=True)
+class FaceLandmarks:
+    """Landmarks of the main face in one frame.
+
+    landmarks: (68, 2) int32 (x, y) in iBUG-68 order, or None when no face was found.
+    detector_box: the detector's face box (x1, y1, x2, y2), used by the crop rule as its fallback; None if no face.
+    backend: name of the backend that made it ("dlib", "face_alignment", "dwpose").
+    """
+
+    landmarks: np.ndarray | None
+    detector_box: Box | None
+    backend: str
+
+    @property
+    def has_face(self) -> bool:
+        return self.landmarks is not None
+
+
+@runtime_checkable
+class LandmarkBackend(Protocol):
+    """Detects the 68 face landmarks of the main face in a BGR uint8 frame (H, W, 3)."""
+
+    name: str
+
+    def detect(self, frame_bgr: np.ndarray) -> FaceLandmarks: ...
