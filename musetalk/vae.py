@@ -1,0 +1,95 @@
+"""VAE stage: 256x256 BGR crops <-> 4x32x32 latents (diffusers AutoencoderKL, sd-vae-ft-mse layout).
+
+  crops    (B, 256, 256, 3) uint8 BGR
+  latents  (B, 4, 32, 32) float, already multiplied by the scaling factor (0.18215)
+  UNet input (B, 8, 32, 32): latents of the crop with its lower half zeroed, then of the full crop
+
+Deliberate deviation: we use the posterior *mean*, where the reference draws a random sample from the
+posterior. The goldens use the mean too; it makes a run deterministic and the per-source latents cacheable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from musetalk.errors import WeightsError
+from musetalk.weights import DOWNLOAD_HINT, find_weights_file, load_into, load_state_dict
+
+CROP_SIZE = 256
+LATENT_SIZE = CROP_SIZE // 8
+
+
+def crops_to_tensor(crops_bgr: np.ndarray, mask_lower_half: bool) -> torch.Tensor:
+    """(B, 256, 256, 3) uint8 BGR -> (B, 3, 256, 256) float32 RGB in [-1, 1], lower half zeroed (in [0, 1]) if asked."""
+    x = torch.from_numpy(np.ascontiguousarray(crops_bgr[..., ::-1])).float() / 255.0
+    x = x.permute(0, 3, 1, 2).contiguous()  # NCHW-contiguous: a channels-last view takes other conv kernels
+    if mask_lower_half:
+        x = x.clone()
+        x[:, :, x.shape[2] // 2:, :] = 0
+    return (x - 0.5) / 0.5
+
+
+def _convert_legacy_attention(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename the pre-0.14 diffusers attention keys (query/key/value/proj_attn) that sd-vae-ft-mse's .bin uses."""
+    renames = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
+    out = {}
+    for key, value in state.items():
+        if ".attentions." in key:
+            for old, new in renames.items():
+                key = key.replace(old, new)
+            # old checkpoints store the attention projections as 1x1 convs
+            if value.ndim == 4 and any(t in key for t in (".to_q.", ".to_k.", ".to_v.", ".to_out.0.")):
+                value = value[:, :, 0, 0]
+        out[key] = value
+    return out
+
+
+class VAE:
+    """AutoencoderKL built once from ``models/sd-vae``; encodes crops and decodes latents."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+        self.model = model
+        self.device = device
+        self.dtype = dtype
+        self.scaling_factor = float(model.config.scaling_factor)
+
+    @classmethod
+    def from_pretrained(cls, vae_dir: str | os.PathLike, device: str | torch.device = "cpu",
+                        dtype: torch.dtype = torch.float32) -> "VAE":
+        from diffusers import AutoencoderKL
+
+        vae_dir = Path(vae_dir)
+        fix = DOWNLOAD_HINT.format(models=vae_dir.parent)
+        if not (vae_dir / "config.json").is_file():
+            raise WeightsError(f"{vae_dir / 'config.json'} is missing", fix)
+        config = json.loads((vae_dir / "config.json").read_text())
+        model = AutoencoderKL.from_config(config)
+        weights = find_weights_file(vae_dir, "diffusion_pytorch_model")
+        load_into(model, _convert_legacy_attention(load_state_dict(weights, fix=fix)), source=weights)
+        # plain Module.to: diffusers' override warns about keep-in-fp32 modules these models don't have
+        torch.nn.Module.to(model.eval().requires_grad_(False), device=device, dtype=dtype)
+        return cls(model, torch.device(device), dtype)
+
+    @torch.inference_mode()
+    def encode(self, crops_bgr: np.ndarray, mask_lower_half: bool = False) -> torch.Tensor:
+        """(B, 256, 256, 3) uint8 BGR -> (B, 4, 32, 32) float32 latents (posterior mean x scaling factor), CPU."""
+        x = crops_to_tensor(crops_bgr, mask_lower_half).to(self.device, self.dtype)
+        posterior = self.model.encode(x).latent_dist
+        return (posterior.mean * self.scaling_factor).float().cpu()
+
+    def unet_input(self, crops_bgr: np.ndarray) -> torch.Tensor:
+        """(B, 256, 256, 3) uint8 BGR -> (B, 8, 32, 32): masked-half latents, then full-crop latents."""
+        return torch.cat([self.encode(crops_bgr, mask_lower_half=True), self.encode(crops_bgr)], dim=1)
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """(B, 4, 32, 32) latents -> (B, 256, 256, 3) uint8 BGR faces."""
+        x = self.model.decode(latents.to(self.device, self.dtype) / self.scaling_factor).sample
+        x = (x.float() / 2 + 0.5).clamp(0, 1)
+        img = (x.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu().numpy()
+        return np.ascontiguousarray(img[..., ::-1])
