@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -199,6 +200,42 @@ class AudioEncoder:
         """Waveform -> (N, 50, 384) per-frame windows (all 30 s segments encoded, then cut)."""
         states = torch.cat([self.encode(mel) for mel in self.mel_segments(wav)], dim=1)
         return frame_windows(states, len(wav), config)
+
+
+def iter_frame_windows(encoder: AudioEncoder, wav: np.ndarray, config: AudioConfig = AudioConfig()
+                       ) -> Iterator[np.ndarray]:
+    """Streaming form of ``encoder.windows``: yields each frame's (50, 384) window in order.
+
+    30 s segments are encoded only when a window first needs them and dropped once passed, so memory stays
+    bounded (two segments of encoder states, ~23 MB) however long the audio is. Values equal ``windows()``.
+    """
+    step = WHISPER_FPS / config.fps
+    lead = math.ceil(step) * config.pad_left  # zero steps the reference pads in front
+    length = int(math.floor(len(wav) / SAMPLE_RATE * WHISPER_FPS))
+    per_frame = 2 * (config.pad_left + config.pad_right + 1)
+    steps_per_segment = SEGMENT_SECONDS * WHISPER_FPS
+    segments: dict[int, np.ndarray] = {}
+
+    def state(t: int) -> np.ndarray | None:
+        if t < 0 or t >= length:
+            return None
+        k = t // steps_per_segment
+        if k not in segments:
+            for old in [j for j in segments if j < k]:
+                del segments[old]
+            seg = wav[k * SEGMENT_SAMPLES:(k + 1) * SEGMENT_SAMPLES]
+            mel = encoder.feature_extractor(seg, return_tensors="np", sampling_rate=SAMPLE_RATE).input_features
+            segments[k] = encoder.encode(mel.astype(np.float32))[0].numpy()  # (1500, 5, 384)
+        return segments[k][t % steps_per_segment]
+
+    for i in range(num_video_frames(len(wav), config.fps)):
+        start = int(math.floor(i * step)) - lead
+        window = np.zeros((per_frame, 5, WHISPER_DIM), dtype=np.float32)
+        for j in range(per_frame):
+            value = state(start + j)
+            if value is not None:
+                window[j] = value
+        yield window.reshape(-1, WHISPER_DIM)
 
 
 def _whisper_weights(whisper_dir: Path) -> Path:

@@ -32,6 +32,7 @@ class BlendConfig:
     right_cheek_width: int = 90  # same, right side
     expand: float = 1.5  # the parsed square is this much larger than the face box
     upper_boundary_ratio: float = 0.5  # top fraction of the mask cleared (the upper face is kept)
+    blur_factor: float = 0.05  # mask edge blur, fraction of the crop width: 0.05 as inference.py (realtime: 0.1)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,5 @@
+import sys
+
+from musetalk.cli import main
+
+sys.exit(main())

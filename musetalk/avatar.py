@@ -1,0 +1,203 @@
+"""Avatar: everything that depends only on the source, computed once per source frame and kept on disk.
+
+The reference's "realtime" mode, made general: landmarks, crop box, the 8-channel latents and the paste-back
+mask of every source frame. A generation run then only needs the audio. The on-disk store is keyed by the
+source's content hash and by every setting that changes what is stored, so a changed source or setting
+invalidates it. CLI, notebooks and server share one cache folder (``$MUSETALK_CACHE`` or
+``~/.cache/musetalk``), under ``avatars/<name>``.
+
+Layout of an avatar folder (bounded memory: frames are read back one at a time):
+  meta.json         key, settings, number of frames, fps, frame size, has_face count
+  frames/NNNNNN.png source frames (lossless), BGR
+  masks/NNNNNN.png  paste-back mask of the expanded crop (uint8), one per frame with a face
+  arrays.npz        has_face (S,), landmarks (S, 68, 2) int32, face_boxes (S, 4), mask_boxes (S, 4)
+  latents.npy       (S, 8, 32, 32) float32 UNet input latents (zeros where no face), memory-mapped on read
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from musetalk.errors import InputError
+
+FORMAT_VERSION = 1
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def cache_root() -> Path:
+    """``$MUSETALK_CACHE`` when set, else ``~/.cache/musetalk``."""
+    return Path(os.environ.get("MUSETALK_CACHE", Path.home() / ".cache" / "musetalk"))
+
+
+def check_avatar_name(name: str) -> str:
+    """Avatar names become folder names: letters, digits, '_', '-', '.', at most 64, no path parts."""
+    if not _NAME_RE.match(name or "") or name in (".", ".."):
+        raise InputError(f"invalid avatar name {name!r}",
+                         "use 1-64 letters, digits, '_', '-' or '.', starting with a letter or digit")
+    return name
+
+
+def hash_source(path: str | os.PathLike) -> str:
+    """sha256 of a source's content (a file, or every file of a frame folder in name order)."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        digest.update(file.name.encode() if path.is_dir() else b"")
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def avatar_key(source_hash: str, settings: dict) -> str:
+    """The cache key: source content + every setting that changes what is stored."""
+    blob = json.dumps({"format": FORMAT_VERSION, "source": source_hash, **settings}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class AvatarMeta:
+    key: str
+    source: str
+    num_frames: int
+    fps: float
+    width: int
+    height: int
+    faces: int  # number of frames with a face
+    settings: dict
+    created: float
+
+
+class Avatar:
+    """A prepared source, read from its folder. Frames and masks are loaded one at a time."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        meta = json.loads((self.path / "meta.json").read_text())
+        self.meta = AvatarMeta(**meta)
+        arrays = np.load(self.path / "arrays.npz")
+        self.has_face: np.ndarray = arrays["has_face"]
+        self.landmarks: np.ndarray = arrays["landmarks"]
+        self.face_boxes: np.ndarray = arrays["face_boxes"]
+        self.mask_boxes: np.ndarray = arrays["mask_boxes"]
+        self.latents: np.ndarray = np.load(self.path / "latents.npy", mmap_mode="r")
+
+    def __len__(self) -> int:
+        return self.meta.num_frames
+
+    def frame(self, index: int) -> np.ndarray:
+        """Source frame ``index`` as (H, W, 3) uint8 BGR."""
+        img = cv2.imread(str(self.path / "frames" / f"{index:06d}.png"), cv2.IMREAD_COLOR)
+        if img is None:
+            raise InputError(f"avatar {self.path} is damaged (frame {index} unreadable)",
+                             "prepare it again: `musetalk avatar prepare --force ...`")
+        return img
+
+    def mask(self, index: int) -> np.ndarray:
+        """Paste-back mask of frame ``index`` (uint8, size of its expanded crop)."""
+        return cv2.imread(str(self.path / "masks" / f"{index:06d}.png"), cv2.IMREAD_GRAYSCALE)
+
+    def face_box(self, index: int) -> tuple[int, int, int, int] | None:
+        return tuple(int(v) for v in self.face_boxes[index]) if self.has_face[index] else None
+
+
+class AvatarWriter:
+    """Builds an avatar folder frame by frame in a temporary folder; ``commit`` moves it in place atomically."""
+
+    def __init__(self, final_path: Path) -> None:
+        self.final_path = Path(final_path)
+        self.final_path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.final_path.name}.", dir=self.final_path.parent))
+        (self.tmp / "frames").mkdir()
+        (self.tmp / "masks").mkdir()
+        self.has_face: list[bool] = []
+        self.landmarks: list[np.ndarray] = []
+        self.face_boxes: list[tuple[int, int, int, int]] = []
+        self.mask_boxes: list[tuple[int, int, int, int]] = []
+        self._latent_chunks: list[Path] = []
+
+    def add_frame(self, frame_bgr: np.ndarray, landmarks: np.ndarray | None, face_box, mask: np.ndarray | None,
+                  mask_box) -> int:
+        index = len(self.has_face)
+        # PNG level 1: lossless and fast to write; decoding it back costs ~5 ms per 720p frame
+        cv2.imwrite(str(self.tmp / "frames" / f"{index:06d}.png"), frame_bgr, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+        has_face = face_box is not None
+        if has_face:
+            cv2.imwrite(str(self.tmp / "masks" / f"{index:06d}.png"), mask, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+        self.has_face.append(has_face)
+        self.landmarks.append(np.zeros((68, 2), np.int32) if landmarks is None else np.asarray(landmarks, np.int32))
+        self.face_boxes.append(tuple(face_box) if has_face else (-1, -1, -1, -1))
+        self.mask_boxes.append(tuple(mask_box) if has_face else (-1, -1, -1, -1))
+        return index
+
+    def add_latents(self, latents: np.ndarray) -> None:
+        """Latents of the next frames in order, (k, 8, 32, 32); written to disk at once (bounded memory)."""
+        path = self.tmp / f"latents.{len(self._latent_chunks):05d}.npy"
+        np.save(path, np.asarray(latents, np.float32))
+        self._latent_chunks.append(path)
+
+    def commit(self, meta: AvatarMeta) -> Avatar:
+        n = len(self.has_face)
+        out = np.lib.format.open_memmap(self.tmp / "latents.npy", mode="w+", dtype=np.float32, shape=(n, 8, 32, 32))
+        pos = 0
+        for chunk in self._latent_chunks:
+            data = np.load(chunk)
+            out[pos:pos + len(data)] = data
+            pos += len(data)
+            chunk.unlink()
+        out.flush()
+        del out
+        if pos != n:
+            raise RuntimeError(f"avatar latents cover {pos} of {n} frames")
+        np.savez(self.tmp / "arrays.npz", has_face=np.array(self.has_face, bool), landmarks=np.stack(self.landmarks),
+                 face_boxes=np.array(self.face_boxes, np.int64), mask_boxes=np.array(self.mask_boxes, np.int64))
+        (self.tmp / "meta.json").write_text(json.dumps(asdict(meta), indent=2))
+        # swap in atomically: an old avatar of the same name is moved aside first, then removed
+        old = None
+        if self.final_path.exists():
+            old = self.final_path.with_name(f".{self.final_path.name}.old-{os.getpid()}-{time.monotonic_ns()}")
+            os.replace(self.final_path, old)
+        os.replace(self.tmp, self.final_path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return Avatar(self.final_path)
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def load_avatar(path: Path, expected_key: str | None = None) -> Avatar | None:
+    """The avatar at ``path`` when it exists, is complete and (if given) has ``expected_key``; else None."""
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if expected_key is not None and meta.get("key") != expected_key:
+        return None
+    try:
+        return Avatar(path)
+    except (OSError, KeyError, ValueError, TypeError):
+        return None
+
+
+def list_avatars(root: Path | None = None) -> list[AvatarMeta]:
+    """Metadata of every complete avatar in the cache."""
+    root = (root or cache_root()) / "avatars"
+    out = []
+    for path in sorted(root.glob("*")) if root.is_dir() else []:
+        avatar = load_avatar(path) if not path.name.startswith(".") else None
+        if avatar is not None:
+            out.append(avatar.meta)
+    return out
