@@ -24,3 +24,11 @@ def golden_set(name: str) -> Path:
 @pytest.fixture(scope="session")
 def v15_golden() -> Path:
     return golden_set("musetalk-v15-tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A complete tiny models/ folder in the official layout (written once per test session)."""
+    from musetalk.testing.tiny import write_tiny_models
+
+    return write_tiny_models(tmp_path_factory.mktemp("models"))
