@@ -61,7 +61,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         result = pipe.generate(args.source, args.audio, args.output, config, avatar=args.avatar,
                                progress=not args.quiet, profiler=profiler)
     if profiler is not None:
-        report = profiler.report(meta={"command": "generate", "version": args.version})
+        report = profiler.report(meta={"command": "generate", "version": args.version, "dtype": str(pipe.dtype),
+                                        "batch_size": config.runtime.batch_size, "source": str(args.source)})
         report.save(args.profile)
         print(report.markdown())
     fps = result.num_frames / result.seconds if result.seconds else 0.0

@@ -1,0 +1,218 @@
+"""End to end on tiny weights: real mp4s from the shipped samples, avatar reuse, streaming, bad inputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from musetalk.audio import load_audio
+from musetalk.errors import InputError, MuseTalkError, NoFaceError
+from musetalk.pipeline import MuseTalkPipeline, pingpong
+from musetalk.video import VideoWriter, open_frames, probe
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES = REPO / "samples"
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_models: Path) -> MuseTalkPipeline:
+    return MuseTalkPipeline.from_pretrained(tiny_models, version="v15", device="cpu", dtype="fp32")
+
+
+@pytest.fixture(scope="module")
+def short_audio(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The first 1.3 s of the sample speech, as a 44.1 kHz stereo mp3-free wav (exercises resampling)."""
+    import av
+
+    wav = load_audio(SAMPLES / "speech.wav")[: int(1.3 * 16000)]
+    path = tmp_path_factory.mktemp("audio") / "short.wav"
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("pcm_s16le", rate=16000, layout="mono")
+        frame = av.AudioFrame.from_ndarray((wav * 32767).astype(np.int16).reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate = 16000
+        for packet in list(stream.encode(frame)) + list(stream.encode(None)):
+            out.mux(packet)
+    return path
+
+
+@pytest.fixture(scope="module")
+def short_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The first 12 frames of the sample clip (keeps the per-source-frame work of the tests small)."""
+    path = tmp_path_factory.mktemp("clip") / "clip.mp4"
+    with VideoWriter(path, fps=25) as writer:
+        for i, frame in enumerate(open_frames(SAMPLES / "face.mp4")):
+            if i == 12:
+                break
+            writer.write(frame)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MUSETALK_CACHE", str(tmp_path / "cache"))
+
+
+def test_pingpong_cycles_forward_then_backward() -> None:
+    assert [pingpong(i, 3) for i in range(8)] == [0, 1, 2, 2, 1, 0, 0, 1]
+    assert [pingpong(i, 1) for i in range(3)] == [0, 0, 0]
+
+
+def test_image_source_makes_a_playable_mp4(pipe: MuseTalkPipeline, short_audio: Path, tmp_path: Path) -> None:
+    out = tmp_path / "image.mp4"
+    result = pipe.generate(SAMPLES / "face.png", short_audio, out, pipe.default_config(fps=25), progress=False)
+    info = probe(out)
+    n_expected = int(np.floor(len(load_audio(short_audio)) / 16000 * 25))
+    assert result.num_frames == info.num_frames == n_expected
+    assert info.fps == pytest.approx(25) and info.has_audio
+    assert info.video_codec == "h264" and info.pix_fmt == "yuv420p"
+    assert info.duration_s == pytest.approx(n_expected / 25, abs=0.05)
+    assert info.audio_duration_s == pytest.approx(n_expected / 25, abs=0.1)
+    assert not list(tmp_path.glob("*.tmp*")) and not list(tmp_path.glob(".*"))
+
+
+def test_video_source_cycles_and_reuses_a_prepared_avatar(pipe: MuseTalkPipeline, short_clip: Path,
+                                                          short_audio: Path, tmp_path: Path) -> None:
+    calls = {"n": 0}
+    real = pipe.landmarker("dlib")
+
+    class Counting:
+        name = "dlib"
+
+        def detect(self, frame):
+            calls["n"] += 1
+            return real.detect(frame)
+
+    pipe._landmarkers["dlib"] = Counting()
+    try:
+        config = pipe.default_config()
+        avatar = pipe.prepare_avatar(short_clip, config, name="sample")
+        n_source = len(avatar)
+        assert calls["n"] == n_source and avatar.meta.faces == n_source
+        again = pipe.prepare_avatar(short_clip, config, name="sample")
+        assert calls["n"] == n_source, "a valid cached avatar must not be prepared again"
+        assert again.meta.key == avatar.meta.key
+        out = tmp_path / "video.mp4"
+        result = pipe.generate(short_clip, short_audio, out, config, avatar="sample", progress=False)
+        assert calls["n"] == n_source
+        info = probe(out)
+        assert result.num_frames == info.num_frames == int(len(load_audio(short_audio)) / 16000 * 25)
+        assert info.num_frames > n_source, "the sample audio is longer than the clip: the cycle must go backward"
+        # a changed setting invalidates the cache
+        pipe.prepare_avatar(short_clip, pipe.default_config(bbox_shift=3), name="sample")
+        assert calls["n"] == 2 * n_source
+    finally:
+        pipe._landmarkers["dlib"] = real
+
+
+def test_frames_without_a_face_pass_through_untouched(pipe: MuseTalkPipeline, short_audio: Path,
+                                                      tmp_path: Path) -> None:
+    face = next(iter(open_frames(SAMPLES / "face.png")))
+    grey = np.full_like(face, 90)
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    import cv2
+
+    for i, frame in enumerate([face, grey, face]):
+        cv2.imwrite(str(folder / f"{i:03d}.png"), frame)
+    config = pipe.default_config()
+    avatar = pipe.prepare_avatar(folder, config)
+    assert list(avatar.has_face) == [True, False, True]
+    frames = list(pipe.stream(avatar, short_audio, config))
+    assert len(frames) == int(len(load_audio(short_audio)) / 16000 * 25)
+    for i, frame in enumerate(frames):
+        source = pingpong(i, 3)
+        if source == 1:
+            np.testing.assert_array_equal(frame, grey)
+        else:
+            assert frame.shape == face.shape and not np.array_equal(frame, face)  # the mouth region was replaced
+
+
+def test_stream_is_deterministic_and_matches_batch_size_one(pipe: MuseTalkPipeline, short_audio: Path) -> None:
+    config = pipe.default_config(batch_size=4)
+    avatar = pipe.prepare_avatar(SAMPLES / "face.png", config)
+    first = list(pipe.stream(avatar, short_audio, config))[:6]
+    single = list(pipe.stream(avatar, short_audio, pipe.default_config(batch_size=1)))[:6]
+    for a, b in zip(first, single):
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 2
+
+
+def test_source_without_any_face_fails_and_writes_nothing(pipe: MuseTalkPipeline, short_audio: Path,
+                                                           tmp_path: Path) -> None:
+    import cv2
+
+    grey = tmp_path / "grey.png"
+    cv2.imwrite(str(grey), np.full((256, 256, 3), 120, np.uint8))
+    out = tmp_path / "out.mp4"
+    with pytest.raises(NoFaceError, match="no face"):
+        pipe.generate(grey, short_audio, out, progress=False)
+    assert not out.exists() and not any(p.suffix == ".mp4" for p in tmp_path.iterdir())
+
+
+def test_interrupted_run_leaves_no_output(pipe: MuseTalkPipeline, short_audio: Path, tmp_path: Path) -> None:
+    class Interrupt:
+        def __init__(self) -> None:
+            self.frames = 0
+
+        def stage(self, name):
+            from contextlib import nullcontext
+
+            return nullcontext()
+
+        def frame_done(self) -> None:
+            self.frames += 1
+            if self.frames == 5:
+                raise KeyboardInterrupt
+
+    out = tmp_path / "out.mp4"
+    with pytest.raises(KeyboardInterrupt):
+        pipe.generate(SAMPLES / "face.png", short_audio, out, progress=False, profiler=Interrupt())
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], "no output and no temporary file may remain"
+
+
+@pytest.mark.parametrize("case", ["missing_source", "unreadable_video", "silent", "zero_length", "not_audio",
+                                  "missing_audio", "bad_output"])
+def test_bad_inputs_give_clear_errors_and_no_file(case: str, pipe: MuseTalkPipeline, short_audio: Path,
+                                                  tmp_path: Path) -> None:
+    source, audio, out = SAMPLES / "face.png", short_audio, tmp_path / "out.mp4"
+    if case == "missing_source":
+        source = tmp_path / "nope.mp4"
+    elif case == "unreadable_video":
+        source = tmp_path / "broken.mp4"
+        source.write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"garbage" * 100)
+    elif case in ("silent", "zero_length"):
+        audio = tmp_path / f"{case}.wav"
+        n = 16000 if case == "silent" else 0
+        import wave
+
+        with wave.open(str(audio), "wb") as w:
+            w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
+            w.writeframes(b"\x00\x00" * n)
+    elif case == "not_audio":
+        audio = tmp_path / "notes.wav"
+        audio.write_text("these are not samples\n" * 50)
+    elif case == "missing_audio":
+        audio = tmp_path / "missing.wav"
+    elif case == "bad_output":
+        out = tmp_path / "out.txt"
+    with pytest.raises(InputError) as exc:
+        pipe.generate(source, audio, out, progress=False)
+    assert exc.value.fix, "every input error names its fix"
+    assert not out.exists() and not list(tmp_path.glob(".*"))
+
+
+def test_missing_weights_and_unknown_version(tmp_path: Path) -> None:
+    with pytest.raises(MuseTalkError, match="musetalk download"):
+        MuseTalkPipeline.from_pretrained(tmp_path / "empty", version="v15", device="cpu")
+    with pytest.raises(MuseTalkError, match="unknown MuseTalk version"):
+        MuseTalkPipeline.from_pretrained(tmp_path, version="v3", device="cpu")
+
+
+def test_video_writer_round_trip_is_atomic(tmp_path: Path) -> None:
+    out = tmp_path / "w.mp4"
+    with pytest.raises(RuntimeError):
+        with VideoWriter(out, fps=25) as writer:
+            writer.write(np.zeros((64, 64, 3), np.uint8))
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
