@@ -35,3 +35,19 @@ class LandmarkBackend(Protocol):
     name: str
 
     def detect(self, frame_bgr: np.ndarray) -> FaceLandmarks: ...
+
+
+def check_frame_bgr(frame_bgr: np.ndarray) -> np.ndarray:
+    """Validate a frame for a landmark backend: (H, W, 3) uint8 BGR; returns it C-contiguous.
+
+    Raises InputError (with the fix) for any other shape or dtype.
+    """
+    from musetalk.errors import InputError
+
+    frame = np.asarray(frame_bgr)
+    if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8 or min(frame.shape[:2]) < 1:
+        raise InputError(
+            f"a frame must be an (H, W, 3) uint8 BGR array, got shape {frame.shape} dtype {frame.dtype}",
+            "read frames with musetalk.video.open_frames (or cv2.imread), which give BGR uint8",
+        )
+    return np.ascontiguousarray(frame)
