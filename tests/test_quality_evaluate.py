@@ -44,7 +44,7 @@ def write_clip(path: Path, brightness: np.ndarray, loudness: np.ndarray | None, 
         out.mux(video.encode(None))
         if audio is not None:
             t = np.arange(len(loudness) * SPF) / SR
-            wav = (np.sin(2 * np.pi * 440 * t) * np.repeat(300 + 9000 * loudness, SPF)).astype(np.int16)
+            wav = (np.sin(2 * np.pi * 440 * t) * np.repeat(100 + 9000 * loudness, SPF)).astype(np.int16)
             aframe = av.AudioFrame.from_ndarray(wav[None], format="s16", layout="mono")
             aframe.sample_rate = SR
             out.mux(audio.encode(aframe))
@@ -185,3 +185,23 @@ def test_cli_folder_table_and_json(clips, tmp_path, capsys):
     assert [d["video"].split("/")[-1] for d in data] == ["a.mkv", "broken.mp4"]
     assert np.isfinite(data[0]["lse_d"]) and len(data[0]["per_frame_confidence"]) == 7
     assert set(data[0]["controls"]) == {"shifted_1s", "silence"} and "error" in data[1]
+
+
+def test_frame_rate_conversion_to_25(tmp_path):
+    """A 30 fps second becomes 25 frames; output frame k shows the last source frame starting by (k + 0.5) / 25."""
+    import av
+
+    from musetalk.quality.media import iter_frames_bgr
+
+    path = tmp_path / "30fps.mkv"
+    with av.open(str(path), "w") as out:
+        video = out.add_stream("libx264", rate=30)
+        video.width = video.height = 64
+        video.pix_fmt = "yuv420p"
+        video.options = {"crf": "0"}
+        for i in range(30):
+            out.mux(video.encode(av.VideoFrame.from_ndarray(np.full((64, 64, 3), 8 * i, np.uint8), format="bgr24")))
+        out.mux(video.encode(None))
+    got = [int(round(f.mean() / 8)) for f in iter_frames_bgr(path, 25.0)]
+    want = [int(np.floor((k + 0.5) / 25 * 30 + 1e-9)) for k in range(25)]
+    assert got == want

@@ -85,6 +85,7 @@ class LSEResult:
     replicates_jpeg_step: True when the frames were exactly what the reference's network would see
         after its ffmpeg mp4 -> JPEG step (only with crop "none" and a 4:2:0 source).
     controls: name -> (lse_d, lse_c, offset) against control audio ("shifted_1s", "silence").
+    mouth: mouth opening / motion in silent vs speaking frames (``mouth=True``), ``motion_ratio`` near 0 is good.
     """
 
     video: str
@@ -100,6 +101,7 @@ class LSEResult:
     fps: float = float(FPS)
     tracks: list[TrackScore] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    mouth: dict[str, Any] | None = None  # mouth motion on silence (``mouth=True``), see musetalk.quality.mouth
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict (arrays become lists)."""
@@ -111,6 +113,9 @@ class LSEResult:
         out["controls"] = {k: {"lse_d": v[0], "lse_c": v[1], "offset": v[2]} for k, v in self.controls.items()}
         out["tracks"] = [{**asdict(t), "per_frame_confidence": [round(float(v), 6) for v in t.per_frame_confidence]}
                          for t in self.tracks]
+        if self.mouth is not None:  # NaN (no silent frames, say) is not valid JSON: null instead
+            out["mouth"] = {k: None if isinstance(v, float) and not np.isfinite(v) else v
+                            for k, v in self.mouth.items()}
         return out
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -160,13 +165,18 @@ def _s3fd_detector(path: Path, device: Any, config: EvaluateConfig) -> Callable[
     return detect
 
 
-def _landmark_detector(name: str, device: Any) -> Callable[[np.ndarray, int], list[Detection]]:
+def _landmark_backend(name: str, device: Any) -> Any:
+    """``musetalk.faces.get_landmark_backend(name)``: ``.detect(frame_bgr) -> FaceLandmarks``."""
     try:
         from musetalk.faces import get_landmark_backend
     except ImportError as exc:
         raise InputError(f"the landmark backends are not available in this install ({exc})",
                          "use --crop s3fd or --crop none") from None
-    backend = get_landmark_backend(name, device=device)
+    return get_landmark_backend(name, device=device)
+
+
+def _landmark_detector(name: str, device: Any) -> Callable[[np.ndarray, int], list[Detection]]:
+    backend = _landmark_backend(name, device)
 
     def detect(frame: np.ndarray, index: int) -> list[Detection]:
         found = backend.detect(frame)
@@ -197,6 +207,21 @@ def detect_tracks(frames: Iterable[np.ndarray], detect: Callable[[np.ndarray, in
     per_frame = [detect(frame, i) for i, frame in enumerate(frames)]
     tracks = track_faces(per_frame, config)
     return tracks, len(per_frame), sum(bool(d) for d in per_frame)
+
+
+def measure_mouth(video: str | os.PathLike, wav: np.ndarray, backend_name: str, device: Any) -> dict[str, Any]:
+    """Mouth motion on silence (:mod:`musetalk.quality.mouth`) from landmarks of every frame at 25 fps."""
+    from musetalk.quality.media import iter_frames_bgr
+    from musetalk.quality.mouth import mouth_motion, mouth_opening, silent_frames
+
+    backend = _landmark_backend(backend_name, device)
+    missing = np.full((68, 2), np.nan)
+    marks = [found.landmarks if found.landmarks is not None else missing
+             for found in (backend.detect(frame) for frame in iter_frames_bgr(video, FPS))]
+    if not marks:
+        raise InputError(f"{video} has no frames", "give a video with frames")
+    motion = mouth_motion(mouth_opening(np.stack(marks)), silent_frames(wav, len(marks), FPS, SAMPLE_RATE))
+    return {**motion.to_dict(), "landmarks": backend_name}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -251,7 +276,8 @@ def control_audio(audio: np.ndarray, sample_rate: int = SAMPLE_RATE) -> dict[str
 def evaluate_video(video: str | os.PathLike, audio: str | os.PathLike | None = None,
                    syncnet_path: str | os.PathLike | None = None, crop: str = "s3fd", controls: bool = False,
                    device: str = "auto", config: EvaluateConfig = EvaluateConfig(),
-                   sfd_path: str | os.PathLike | None = None, scorer: "SyncNetScorer | None" = None) -> LSEResult:
+                   sfd_path: str | os.PathLike | None = None, scorer: "SyncNetScorer | None" = None,
+                   mouth: bool = False) -> LSEResult:
     """LSE-D / LSE-C / offset of ``video`` (see the module docstring for the steps).
 
     video: any file PyAV opens. audio: speech to score against (default: the video's own track).
@@ -259,9 +285,10 @@ def evaluate_video(video: str | os.PathLike, audio: str | os.PathLike | None = N
     crop: "s3fd" (reference), "landmarks" (landmark backend's face box), "none" (frames are face crops),
     "auto" (s3fd when ``sfd_face.pth`` is present, else landmarks). sfd_path: like syncnet_path
     (``$MUSETALK_SFD``). scorer: an already loaded :class:`SyncNetScorer` (then syncnet_path and device are unused).
+    mouth: also measure mouth motion on silence with the landmark backend (``config.landmark_backend``).
     Raises InputError (no audio, clip too short, unreadable file), NoFaceError (no face track), WeightsError.
     """
-    from musetalk.quality.media import iter_frames_bgr, probe_video, read_audio
+    from musetalk.quality.media import probe_video, read_audio
 
     # 1. inputs and weights
     info = probe_video(video)
@@ -279,7 +306,17 @@ def evaluate_video(video: str | os.PathLike, audio: str | os.PathLike | None = N
     if info.fps and abs(info.fps - FPS) > 1e-3:
         notes.append(f"video resampled from {info.fps:.3f} to {FPS} fps (nearest earlier frame)")
 
-    # 2.-4. frames -> crops -> scores
+    result = _score_video(video, wav, crop, scorer, config, sfd, controls, notes)
+    if mouth:
+        result.mouth = measure_mouth(video, wav, config.landmark_backend, scorer.device)
+    return result
+
+
+def _score_video(video: str | os.PathLike, wav: np.ndarray, crop: str, scorer: "SyncNetScorer",
+                 config: EvaluateConfig, sfd: Path, controls: bool, notes: list[str]) -> LSEResult:
+    """Steps 2-4: frames -> crops -> scores."""
+    from musetalk.quality.media import iter_frames_bgr
+
     if crop == "none":
         report: dict = {}
         frames = _fit_224(iter_frames_bgr(video, FPS, jpeg_step=config.jpeg_step, report=report), config.crop.size,
@@ -363,6 +400,10 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-track", type=int, default=TrackConfig.min_track,
                         help="a face track needs more than this many detections (default 100 = 4 s)")
     parser.add_argument("--batch-size", type=int, default=EvaluateConfig.batch_size, help="windows per forward pass")
+    parser.add_argument("--mouth", action="store_true",
+                        help="also measure mouth motion on silence (landmarks of every frame; dlib by default)")
+    parser.add_argument("--landmarks", default=EvaluateConfig.landmark_backend,
+                        help="landmark backend for --crop landmarks and --mouth (dlib, face_alignment, dwpose)")
 
 
 def _videos(path: Path) -> list[Path]:
@@ -398,7 +439,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from musetalk.quality.syncnet import SyncNetScorer
 
     config = EvaluateConfig(jpeg_step=not args.no_jpeg_step, batch_size=args.batch_size,
-                            track=TrackConfig(min_track=args.min_track))
+                            landmark_backend=args.landmarks, track=TrackConfig(min_track=args.min_track))
     videos = _videos(args.video)
     path = _check_weights(default_weights(SYNCNET_FILE, args.syncnet, "MUSETALK_SYNCNET"), "SyncNet", "--syncnet")
     scorer = SyncNetScorer.from_pretrained(path, device=args.device, batch_size=config.batch_size)
@@ -406,7 +447,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     for video in videos:
         try:
             res = evaluate_video(video, args.audio, crop=args.crop, controls=args.controls, config=config,
-                                 sfd_path=args.sfd, scorer=scorer)
+                                 sfd_path=args.sfd, scorer=scorer, mouth=args.mouth)
         except MuseTalkError as exc:
             if len(videos) == 1:
                 raise
@@ -419,6 +460,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
               f"{'yes' if res.replicates_jpeg_step else 'no'})")
         for name, (d, c, o) in res.controls.items():
             print(f"  control {name:<11} LSE-D {d:.3f}  LSE-C {c:.3f}  offset {o:+d}")
+        if res.mouth:
+            m = res.mouth
+            print(f"  mouth on silence: motion ratio {m['motion_ratio']:.3f} (silence {m['motion_silence']:.4f} / "
+                  f"speech {m['motion_speech']:.4f} per frame; {m['silent_frames']} silent frames)")
         for note in res.notes:
             print(f"  note: {note}")
     else:
