@@ -50,7 +50,10 @@ def _pipeline(args: argparse.Namespace):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from musetalk.pipeline import MuseTalkPipeline
+
     config = _config(args)
+    MuseTalkPipeline.check_inputs(args.source, args.audio, args.output)  # before the (slow) model loading
     pipe = _pipeline(args)
     profiler = None
     if args.profile:

@@ -288,7 +288,8 @@ class MuseTalkPipeline:
             worker.join(timeout=30)
 
     # -- 3. generate ---------------------------------------------------------------------------------------
-    def check_inputs(self, source: str | os.PathLike, audio: str | os.PathLike, output: str | os.PathLike) -> None:
+    @staticmethod
+    def check_inputs(source: str | os.PathLike, audio: str | os.PathLike, output: str | os.PathLike) -> None:
         """Fail fast, before any work, on inputs that cannot work."""
         source, audio, output = Path(source), Path(audio), Path(output)
         if not source.exists():

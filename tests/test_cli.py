@@ -1,0 +1,89 @@
+"""The `musetalk` command: clear errors with exit 2 (never a traceback), doctor, offline download, demo."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES = REPO / "samples"
+
+
+def run(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "musetalk", *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})}, cwd=cwd or REPO)
+
+
+def test_generate_errors_are_one_clear_message(tmp_path: Path, tiny_models: Path) -> None:
+    out = tmp_path / "out.mp4"
+    cases = {
+        "missing source": (["--source", str(tmp_path / "nope.png"), "--audio", str(SAMPLES / "speech.wav")],
+                           "source not found"),
+        "weights missing": (["--source", str(SAMPLES / "face.png"), "--audio", str(SAMPLES / "speech.wav"),
+                             "--models", str(tmp_path / "empty")], "musetalk download"),
+        "unknown version": (["--source", str(SAMPLES / "face.png"), "--audio", str(SAMPLES / "speech.wav"),
+                             "--models", str(tiny_models), "--version", "v9"], "unknown"),
+    }
+    for name, (args, needle) in cases.items():
+        proc = run("generate", *args, "--output", str(out), env={"MUSETALK_CACHE": str(tmp_path / "c")})
+        assert proc.returncode == 2, (name, proc.stdout, proc.stderr)
+        assert needle in proc.stderr and "Traceback" not in proc.stderr, (name, proc.stderr)
+        assert "fix:" in proc.stderr
+        assert not out.exists()
+
+
+def test_doctor_reports_problems_with_fixes(tmp_path: Path, tiny_models: Path) -> None:
+    bad = run("doctor", "--models", str(tmp_path / "nothing"))
+    assert bad.returncode == 1 and "fix: musetalk download" in bad.stdout and "generation cannot run" in bad.stdout
+    good = run("doctor", "--models", str(tiny_models))
+    assert good.returncode == 0, good.stdout
+    assert "v15 UNet shapes" in good.stdout and "landmarks: dlib" in good.stdout
+
+
+def test_download_fails_fast_offline(tmp_path: Path) -> None:
+    proc = run("download", "--dir", str(tmp_path / "m"), env={"HF_HUB_OFFLINE": "1"}, timeout=60)
+    assert proc.returncode == 2 and "HF_HUB_OFFLINE" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run("download", "--dir", str(tmp_path / "m"), env={"HF_ENDPOINT": "http://127.0.0.1:9"}, timeout=60)
+    assert proc.returncode == 2 and "cannot reach" in proc.stderr
+
+
+def test_demo_falls_back_to_tiny_weights_with_a_plain_message(tmp_path: Path) -> None:
+    """The README's main job on a machine without real weights or network: says so, then still makes a video."""
+    import numpy as np
+
+    from musetalk.audio import load_audio
+    from musetalk.video import probe
+
+    out = tmp_path / "demo.mp4"
+    proc = run("demo", "--models", str(tmp_path / "models"), "--tiny-dir", str(tmp_path / "tiny"), "--output",
+               str(out), "--source", str(SAMPLES / "face.png"),
+               env={"HF_ENDPOINT": "http://127.0.0.1:9", "MUSETALK_CACHE": str(tmp_path / "c")}, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "cannot be downloaded" in proc.stdout and "TINY RANDOM WEIGHTS" in proc.stdout
+    info = probe(out)
+    assert info.has_audio and info.num_frames == int(np.floor(len(load_audio(SAMPLES / "speech.wav")) / 16000 * 25))
+
+
+def test_avatar_prepare_list_rm(tmp_path: Path, tiny_models: Path) -> None:
+    env = {"MUSETALK_CACHE": str(tmp_path / "cache")}
+    proc = run("avatar", "prepare", "--source", str(SAMPLES / "face.png"), "--name", "anna", "--models",
+               str(tiny_models), "--dtype", "fp32", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "suggested bbox_shift range" in proc.stdout
+    assert (tmp_path / "cache" / "avatars" / "anna" / "meta.json").is_file()
+    assert "face.png" in run("avatar", "list", env=env).stdout
+    bad = run("avatar", "prepare", "--source", str(SAMPLES / "face.png"), "--name", "../escape", "--models",
+              str(tiny_models), env=env)
+    assert bad.returncode == 2 and "invalid avatar name" in bad.stderr
+    assert run("avatar", "rm", "anna", env=env).returncode == 0
+    assert not (tmp_path / "cache" / "avatars" / "anna").exists()
+
+
+def test_import_has_no_side_effects() -> None:
+    code = "import sys, musetalk, musetalk.cli; print('torch' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip() == "False", "importing musetalk or its CLI must not import torch"
