@@ -262,6 +262,13 @@ class SyncNetScorer:
 
     def score(self, frames: Iterable[np.ndarray], audio: np.ndarray, vshift: int = VSHIFT) -> SyncScore:
         """LSE-D / LSE-C / offset of 25 fps face crops against 16 kHz mono audio (int16 scale)."""
-        lips = self.embed_lips(frames)
-        n = check_lengths(len(lips) + LIP_WINDOW - 1 if len(lips) else 0, len(audio))
+        count = [0]
+
+        def counted() -> Iterator[np.ndarray]:
+            for frame in frames:
+                count[0] += 1
+                yield frame
+
+        lips = self.embed_lips(counted())
+        n = check_lengths(count[0], len(audio))
         return sync_scores(lips[:n], self.embed_audio(audio, n), vshift)
