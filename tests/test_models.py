@@ -1,0 +1,96 @@
+"""VAE and UNet stages on tiny weights: shapes, colour order, masking, dtypes, legacy checkpoints, configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from musetalk.config import preset, with_overrides
+from musetalk.errors import InputError
+from musetalk.unet import UNet
+from musetalk.vae import VAE, crops_to_tensor
+
+
+@pytest.fixture(scope="module")
+def vae(tiny_models: Path) -> VAE:
+    return VAE.from_pretrained(tiny_models / "sd-vae")
+
+
+@pytest.fixture(scope="module")
+def unet(tiny_models: Path) -> UNet:
+    return UNet.from_pretrained(tiny_models / "musetalkV15" / "musetalk.json", tiny_models / "musetalkV15" / "unet.pth")
+
+
+def test_crop_preprocessing_is_rgb_and_masks_the_lower_half() -> None:
+    crops = np.zeros((1, 256, 256, 3), np.uint8)
+    crops[..., 2] = 255  # red in BGR
+    x = crops_to_tensor(crops, mask_lower_half=False)
+    assert x.shape == (1, 3, 256, 256) and x.is_contiguous()
+    assert torch.all(x[:, 0] == 1) and torch.all(x[:, 1:] == -1)  # channel 0 is R after BGR->RGB
+    masked = crops_to_tensor(crops, mask_lower_half=True)
+    assert torch.all(masked[:, :, 128:] == -1) and torch.equal(masked[:, :, :128], x[:, :, :128])
+
+
+def test_unet_input_is_masked_then_full(vae: VAE) -> None:
+    rng = np.random.default_rng(0)
+    crops = rng.integers(0, 256, (2, 256, 256, 3), dtype=np.uint8)
+    latents = vae.unet_input(crops)
+    assert latents.shape == (2, 8, 32, 32) and latents.dtype == torch.float32
+    torch.testing.assert_close(latents[:, 4:], vae.encode(crops), rtol=0, atol=1e-5)
+    torch.testing.assert_close(latents[:, :4], vae.encode(crops, mask_lower_half=True), rtol=0, atol=1e-5)
+    changed = crops.copy()
+    changed[:, 200:] = 0  # only the lower half differs: the masked latents must not see it
+    torch.testing.assert_close(vae.unet_input(changed)[:, :4], latents[:, :4], rtol=0, atol=1e-5)
+
+
+def test_decode_gives_uint8_bgr_faces(vae: VAE, unet: UNet) -> None:
+    latents = torch.randn(3, 8, 32, 32)
+    out = unet(latents, torch.randn(3, 50, 384))
+    assert out.shape == (3, 4, 32, 32)
+    faces = vae.decode(out)
+    assert faces.shape == (3, 256, 256, 3) and faces.dtype == np.uint8
+
+
+def test_bf16_runs_close_to_fp32(tiny_models: Path) -> None:
+    args = (tiny_models / "musetalkV15" / "musetalk.json", tiny_models / "musetalkV15" / "unet.pth")
+    fp32, bf16 = UNet.from_pretrained(*args), UNet.from_pretrained(*args, dtype=torch.bfloat16)
+    latents, windows = torch.randn(2, 8, 32, 32), torch.randn(2, 50, 384)
+    a, b = fp32(latents, windows), bf16(latents, windows)
+    assert b.dtype == torch.bfloat16
+    assert torch.allclose(a, b.float(), atol=0.1 * a.abs().max().item())
+
+
+def test_legacy_vae_attention_keys_load(tiny_models: Path, tmp_path: Path) -> None:
+    """sd-vae-ft-mse's .bin predates diffusers' attention rename (query/key/value/proj_attn, 1x1 convs)."""
+    import shutil
+
+    state = torch.load(tiny_models / "sd-vae" / "diffusion_pytorch_model.bin", weights_only=True)
+    legacy = {}
+    for key, value in state.items():
+        for new, old in ((".to_q.", ".query."), (".to_k.", ".key."), (".to_v.", ".value."), (".to_out.0.", ".proj_attn.")):
+            if new in key:
+                key = key.replace(new, old)
+                value = value[:, :, None, None] if value.ndim == 2 else value
+        legacy[key] = value
+    folder = tmp_path / "sd-vae"
+    folder.mkdir()
+    shutil.copy(tiny_models / "sd-vae" / "config.json", folder / "config.json")
+    torch.save(legacy, folder / "diffusion_pytorch_model.bin")
+    crops = np.full((1, 256, 256, 3), 100, np.uint8)
+    reference = VAE.from_pretrained(tiny_models / "sd-vae").encode(crops)
+    torch.testing.assert_close(VAE.from_pretrained(folder).encode(crops), reference)
+
+
+def test_presets_and_validation() -> None:
+    v1, v15 = preset("v1"), preset("v15")
+    assert (v1.crop.extra_margin, v1.blend.parsing_mode, v1.blend.left_cheek_width) == (0, "raw", 80)
+    assert (v15.crop.extra_margin, v15.blend.parsing_mode, v15.blend.left_cheek_width) == (10, "jaw", 90)
+    assert with_overrides(v15, bbox_shift=-5, batch_size=2, fps=30).crop.bbox_shift == -5
+    for bad in ({"parsing_mode": "lips"}, {"batch_size": 0}, {"fps": 0}, {"nonsense": 1}):
+        with pytest.raises(InputError):
+            with_overrides(v15, **bad)
+    with pytest.raises(InputError, match="unknown version"):
+        preset("v2")
