@@ -47,6 +47,16 @@ def pingpong(index: int, num_source_frames: int) -> int:
     return j if j < num_source_frames else 2 * num_source_frames - 1 - j
 
 
+def _put_unless_stopped(out: queue.Queue, item: object, stop: threading.Event) -> None:
+    """Block on a full queue only while the consumer is still there (it sets ``stop`` when it leaves)."""
+    while not stop.is_set():
+        try:
+            out.put(item, timeout=0.1)
+            return
+        except queue.Full:
+            continue
+
+
 @dataclass(frozen=True)
 class GenerationResult:
     """What ``generate`` made."""
@@ -233,17 +243,11 @@ class MuseTalkPipeline:
                         predicted = self.unet(latents, torch.from_numpy(batch_windows[rows]))
                     with stage("vae_decode"):
                         faces = self.vae.decode(predicted)
-                item = (sources, rows, faces)
-                while not stop.is_set():
-                    try:
-                        out.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
+                _put_unless_stopped(out, (sources, rows, faces), stop)
         except BaseException as exc:  # handed to the consumer, which re-raises it
-            out.put(exc)
+            _put_unless_stopped(out, exc, stop)
             return
-        out.put(_SENTINEL)
+        _put_unless_stopped(out, _SENTINEL, stop)
 
     def stream(self, avatar: Avatar, audio: str | os.PathLike | np.ndarray, config: GenerationConfig | None = None,
                profiler=None) -> Iterator[np.ndarray]:
