@@ -122,7 +122,7 @@ def audio_clip(seconds: float | None, source: str | os.PathLike | None = None, n
     if seconds is None:
         return source
     wav = load_audio(source)
-    n = int(round(seconds * SAMPLE_RATE))
+    n = round(seconds * SAMPLE_RATE)
     wav = np.tile(wav, -(-n // len(wav)))[:n]
     path = outputs_dir() / (name or f"{source.stem}-{seconds:g}s.wav")
     pcm = (np.clip(wav, -1, 1) * 32767).astype(np.int16).reshape(1, -1)

@@ -11,7 +11,8 @@ Profiling plots live in ``musetalk.profiling.plots``; this module adds the live-
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
@@ -101,7 +102,7 @@ def draw_face(frame_bgr: np.ndarray, landmarks: np.ndarray | None = None, crop_b
     out = fit(frame_bgr, width=width).copy() if width is not None else frame_bgr.copy()
 
     def pt(x: float, y: float) -> tuple[int, int]:
-        return int(round(x * scale)), int(round(y * scale))
+        return round(x * scale), round(y * scale)
 
     thick = max(1, round(2 * min(scale, 1.0) + 0.5))
     if blend_box is not None:

@@ -22,9 +22,10 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
     from musetalk.blending import BlendMaterial
     from musetalk.config import GenerationConfig
     from musetalk.faces.types import Box, FaceLandmarks, LandmarkBackend
-    from musetalk.profiling import ProfileReport, Profiler
+    from musetalk.profiling import Profiler, ProfileReport
 
 MAX_TUNER_FRAMES = 32  # frames a tuner keeps from a video (evenly spaced); each is held as a PNG (~0.3-3 MB)
 MATERIAL_CACHE = 16  # blend masks kept per tuner: one BiSeNet pass (~0.5 s on a CPU) per (frame, box) otherwise

@@ -10,8 +10,8 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -74,6 +74,7 @@ def test_notebook_is_committed_clean(name: str) -> None:
     assert "PYTORCH_ENABLE_MPS_FALLBACK" in code[0].source, "the first cell must set the MPS fallback before torch"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_notebook_runs_on_tiny_weights(name: str, kernel_env: Path) -> None:
     nb = read(name)

@@ -20,7 +20,7 @@ from musetalk.errors import InputError, NoFaceError
 
 pytest.importorskip("ipywidgets", reason="the notebooks extra is not installed (pip install -e '.[notebooks]')")
 
-from musetalk.widgets import BboxShiftTuner, LiveDashboard  # noqa: E402
+from musetalk.widgets import BboxShiftTuner, LiveDashboard
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "samples"
@@ -79,7 +79,7 @@ def test_tuner_detects_landmarks_once_per_kept_frame(video_tuner) -> None:
 
 
 def test_moving_bbox_shift_changes_the_crop_without_new_landmarks(video_tuner) -> None:
-    tuner, landmarker, parser = video_tuner
+    tuner, landmarker, _ = video_tuner
     widget = tuner.widget  # builds the ipywidgets and draws once
     ui = tuner._ui
     calls = landmarker.calls
