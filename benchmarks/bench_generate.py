@@ -160,7 +160,7 @@ def bench_throughput(frames: int, dtypes: list[str], batch_size: int) -> dict:
 
     results = []
     stages_md = ""
-    speech = np.resize(load_audio(REPO / "samples" / "speech.wav"), int((frames + 1) / 25 * 16000) + 400)
+    speech = np.resize(load_audio(REPO / "samples" / "speech.wav"), int(frames / 25 * 16000) + 100)
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["MUSETALK_CACHE"] = tmp
         for dtype in dtypes:
