@@ -267,6 +267,8 @@ class BboxShiftTuner:
             return
         for name, image in self.views().items():
             self._ui[name].value = viz.to_png(image)
+            # natural size: a flex box would otherwise stretch the 256-px mask and squeeze the crop pair
+            self._ui[name].layout.width = self._ui[name].layout.min_width = f"{image.shape[1]}px"
         self._ui["status"].value = f"<code>{self.describe()}</code>"
         self.renders += 1
 
