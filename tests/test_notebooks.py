@@ -96,3 +96,37 @@ def test_notebook_runs_on_tiny_weights(name: str, kernel_env: Path) -> None:
         assert (kernel_env / "05_generate.mp4").stat().st_size > 0
     if name == "06_profiling":
         assert len(list((kernel_env / "profiles").glob("*.json"))) == 4
+
+
+# -- the helpers behind the notebooks' first cell -------------------------------------------------------------
+def test_models_dir_switch(tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                           capsys: pytest.CaptureFixture[str]) -> None:
+    from musetalk import notebook
+    from musetalk.errors import WeightsError
+
+    monkeypatch.setattr(notebook, "REPO", None)  # ignore real weights a developer may have in models/
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MUSETALK_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "tiny-models").symlink_to(tiny_models)  # as if written by an earlier notebook
+    monkeypatch.setenv("MUSETALK_MODELS", str(tiny_models))
+    assert notebook.models_dir() == tiny_models.resolve()
+    assert "TINY random weights" in capsys.readouterr().out
+    monkeypatch.setenv("MUSETALK_MODELS", str(tmp_path / "empty"))
+    assert notebook.models_dir() == notebook.tiny_models_dir()
+    assert "no real weights found" in capsys.readouterr().out
+    assert notebook.models_dir(use_tiny=True) == notebook.tiny_models_dir()
+    with pytest.raises(WeightsError, match="no complete v15 weights"):
+        notebook.models_dir(use_tiny=False)
+
+
+def test_clips_for_short_tiny_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from musetalk import notebook
+    from musetalk.audio import load_audio
+    from musetalk.video import probe
+
+    monkeypatch.setenv("MUSETALK_OUTPUTS", str(tmp_path))
+    assert len(load_audio(notebook.audio_clip(0.5))) == 8000
+    assert len(load_audio(notebook.audio_clip(5.0))) == 80000  # longer than the 3.5 s sample: repeated
+    assert notebook.audio_clip(None) == notebook.samples_dir() / "speech.wav"
+    assert probe(notebook.source_clip(3)).num_frames == 3
