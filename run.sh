@@ -42,6 +42,12 @@ case "$cmd" in
     ;;
   test)
     ensure_env
+    # the browser test drives Debian's Chromium; on a Debian/Ubuntu machine where we are root, install it
+    if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+      echo ">> installing chromium for the browser test ..." >&2
+      { apt-get install -y -q chromium || { apt-get update -q && apt-get install -y -q chromium; }; } >/dev/null 2>&1 \
+        || echo ">> chromium could not be installed: the browser test will skip" >&2
+    fi
     exec "$VENV/bin/python" -m pytest -q "$@"
     ;;
   *)

@@ -57,7 +57,7 @@ def outputs_of(nb, mime: str) -> list:
             if mime in out.get("data", {})]
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NAMES + ["07_evaluate"])
 def test_notebook_is_committed_clean(name: str) -> None:
     nb = read(name)
     assert set(nb.metadata) <= ALLOWED_NOTEBOOK_METADATA, f"extra notebook metadata: {set(nb.metadata)}"
@@ -130,3 +130,14 @@ def test_clips_for_short_tiny_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert len(load_audio(notebook.audio_clip(5.0))) == 80000  # longer than the 3.5 s sample: repeated
     assert notebook.audio_clip(None) == notebook.samples_dir() / "speech.wav"
     assert probe(notebook.source_clip(3)).num_frames == 3
+
+
+@pytest.mark.slow
+def test_evaluate_notebook_runs(kernel_env: Path) -> None:
+    """07_evaluate scores the sample clip (random SyncNet when the real one is absent) and draws its charts."""
+    nb = read("07_evaluate")
+    client = nbclient.NotebookClient(nb, timeout=int(nb.metadata["execution"]["timeout"]), kernel_name=KERNEL,
+                                     allow_errors=False, resources={"metadata": {"path": str(NOTEBOOKS)}})
+    client.execute()
+    text = "".join(out.get("text", "") for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs)
+    assert "LSE-D" in text and outputs_of(nb, "image/png")
