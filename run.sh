@@ -2,6 +2,7 @@
 # MuseTalk Studio: one entry point that sets everything up itself, then acts.
 #   ./run.sh demo           generate outputs/demo.mp4 from the shipped samples (the main job)
 #   ./run.sh test           run the whole test suite (unit, goldens, notebooks, end to end)
+#   ./run.sh lab            JupyterLab on notebooks/
 #   ./run.sh <musetalk args> anything the `musetalk` CLI takes, e.g. ./run.sh doctor
 # The environment is a virtualenv in .venv (override with MUSETALK_VENV), created and (re)installed
 # whenever it is missing or pyproject.toml changed. Conda users: see environment.yml.
@@ -49,6 +50,10 @@ case "$cmd" in
         || echo ">> chromium could not be installed: the browser test will skip" >&2
     fi
     exec "$VENV/bin/python" -m pytest -q "$@"
+    ;;
+  lab)
+    ensure_env
+    exec "$VENV/bin/jupyter" lab notebooks/ "$@"
     ;;
   *)
     ensure_env
