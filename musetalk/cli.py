@@ -236,6 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser("evaluate", help="lip-sync scores LSE-D / LSE-C (SyncNet) of a video")
         add_evaluate_arguments(p)
         p.set_defaults(func=run_evaluate)
+    from musetalk.batch import add_batch_arguments, run_batch
+    p = sub.add_parser("batch", help="one video per row of a CSV / JSONL jobs file, locally or on Ray")
+    add_batch_arguments(p)
+    p.set_defaults(func=run_batch)
     from musetalk.server_cli import add_serve_arguments, run_serve  # no fastapi import until `serve` runs
     p = sub.add_parser("serve", help="HTTP API over the pipeline (docs/api.md); needs musetalk[server]")
     add_serve_arguments(p)
