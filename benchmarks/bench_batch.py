@@ -36,6 +36,10 @@ CLIP_FRAMES = 5
 MODES = {"local": None, "ray1": 1, "ray2": 2}  # mode -> Ray workers
 
 
+FULL = os.environ.get("MUSETALK_BENCH_FULL") == "1"  # --full-size: the real architectures, random weights, bf16
+FULL_AUDIO_SECONDS = (0.4, 0.4, 0.44, 0.44)  # 40 frames: the full-size UNet + VAE cost ~1.4 s/frame here
+
+
 def make_inputs(folder: Path) -> Path:
     """Tiny weights, the two sources, four audio cuts and jobs.csv in ``folder``; returns the jobs file."""
     import av
@@ -45,7 +49,7 @@ def make_inputs(folder: Path) -> Path:
     from musetalk.testing.tiny import write_tiny_models
     from musetalk.video import VideoWriter, open_frames
 
-    write_tiny_models(folder / "models")
+    write_tiny_models(folder / "models", full_size=FULL)
     with VideoWriter(folder / "clip.mp4", fps=25) as writer:
         for i, frame in enumerate(open_frames(SAMPLES / "face.mp4")):
             if i == CLIP_FRAMES:
@@ -53,7 +57,7 @@ def make_inputs(folder: Path) -> Path:
             writer.write(frame)
     speech = load_audio(SAMPLES / "speech.wav")
     rows = ["source,audio"]
-    for i, seconds in enumerate(AUDIO_SECONDS):
+    for i, seconds in enumerate(FULL_AUDIO_SECONDS if FULL else AUDIO_SECONDS):
         wav = speech[8000:8000 + int(seconds * 16000)]
         with av.open(str(folder / f"a{i}.wav"), "w") as out:
             stream = out.add_stream("pcm_s16le", rate=16000, layout="mono")
@@ -80,7 +84,7 @@ def child(mode: str, jobs: Path, out: Path) -> dict:
         t = time.perf_counter()
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
         ray_start = time.perf_counter() - t
-    report = batch.run(jobs, out, config=preset("v15", device="cpu", dtype="fp32"), models=jobs.parent / "models",
+    report = batch.run(jobs, out, config=preset("v15", device="cpu", dtype="bf16" if FULL else "fp32"), models=jobs.parent / "models",
                        ray=bool(MODES[mode]), workers=MODES[mode], progress=False)
     if MODES[mode]:
         import ray
@@ -116,7 +120,9 @@ def table(results: dict[str, list[dict]], machine: str) -> str:
         return f"{med[mode][key]:.1f}{spread}"
 
     base = med.get("local")
-    lines = [f"4 jobs (94 frames), tiny weights, CPU fp32; {machine}. Median (min-max) of "
+    frames_total = results[next(iter(results))][0]["frames"]
+    what = "full-size architecture (random weights), CPU bf16" if FULL else "tiny weights, CPU fp32"
+    lines = [f"4 jobs ({frames_total} frames), {what}; {machine}. Median (min-max) of "
              f"{len(next(iter(results.values())))} run(s) per mode, modes interleaved, each run in a fresh process "
              "with an empty avatar cache.", "",
              "| mode | workers | wall s | start-up s | of which Ray start s | jobs s | frames/s (jobs) "
@@ -133,13 +139,19 @@ def table(results: dict[str, list[dict]], machine: str) -> str:
 
 
 def write_doc(markdown: str) -> None:
-    """Replace the text between <!-- BENCH:batch --> markers of docs/batch.md."""
-    start, end = "<!-- BENCH:batch -->", "<!-- /BENCH:batch -->"
-    text = DOC.read_text()
-    block = f"{start}\n{markdown.strip()}\n{end}"
-    text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _m: block, text, flags=re.S) \
-        if start in text else text.rstrip() + "\n\n" + block + "\n"
-    DOC.write_text(text)
+    """Put the table between the BENCH:batch (or BENCH:batch-full) markers of docs/batch.md and docs/benchmarks.md."""
+    name = "batch-full" if FULL else "batch"
+    start, end = f"<!-- BENCH:{name} -->", f"<!-- /BENCH:{name} -->"
+    command = "python -m benchmarks.bench_batch" + (" --full-size" if FULL else "") + " --repeats 3"
+    heading = (f"## Batch: local vs Ray{', full-size architecture' if FULL else ''}\n\n`{command}` "
+               "(details: [batch.md](batch.md)).\n\n")
+    for doc in (DOC, REPO / "docs" / "benchmarks.md"):
+        text = doc.read_text()
+        body = markdown.strip() if doc == DOC else heading + markdown.strip()
+        block = f"{start}\n{body}\n{end}"
+        text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _m: block, text, flags=re.S) \
+            if start in text else text.rstrip() + "\n\n" + block + "\n"
+        doc.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,8 +161,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-doc", action="store_true", help="print only; leave docs/batch.md alone")
     parser.add_argument("--from-log", type=Path, default=None,
                         help="re-render the table from the JSON lines a previous run printed on stderr")
+    parser.add_argument("--full-size", action="store_true",
+                        help="the real architectures (850 M-parameter UNet, sd-vae-ft-mse) with random weights, bf16")
     parser.add_argument("--child", nargs=3, metavar=("MODE", "JOBS", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.full_size and not FULL:  # children inherit the switch through the environment
+        os.environ["MUSETALK_BENCH_FULL"] = "1"
+        return subprocess.call([sys.executable, "-m", "benchmarks.bench_batch", *(argv if argv is not None
+                                                                                   else sys.argv[1:])])
     if args.child:
         print(json.dumps(child(args.child[0], Path(args.child[1]), Path(args.child[2]))))
         return 0

@@ -94,6 +94,7 @@ def test_notebook_runs_on_tiny_weights(name: str, kernel_env: Path) -> None:
         assert outputs_of(nb, WIDGET_MIME), "the live dashboard was not displayed"
         assert any("<video" in out["data"].get("text/html", "") for out in outputs_of(nb, "text/html"))
         assert (kernel_env / "05_generate.mp4").stat().st_size > 0
+        assert sorted(p.name for p in (kernel_env / "batch").glob("*.mp4")) == ["batch-a.mp4", "batch-b.mp4"]
     if name == "06_profiling":
         assert len(list((kernel_env / "profiles").glob("*.json"))) == 4
 

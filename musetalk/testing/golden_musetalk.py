@@ -66,6 +66,17 @@ class _Set:
         box = tuple(int(v) for v in coord)
         return apply_extra_margin(box, self.extra_margin, frame_height) if self.extra_margin else box
 
+    @property
+    def unet_fps(self) -> float:
+        """The fps whose windows condition the UNet stage: 25 (the reference default) when the set has it."""
+        keys = sorted(k for k in self.g.files if k.startswith("audio_windows_fps"))
+        key = "audio_windows_fps25" if "audio_windows_fps25" in keys else keys[0]
+        return float(key.removeprefix("audio_windows_fps"))
+
+    @property
+    def unet_windows(self) -> np.ndarray:
+        return self.g[f"audio_windows_fps{self.unet_fps:g}"][: self.n_unet]
+
     def blend_modes(self) -> list[str]:
         return [m for m in ("raw", "jaw", "neck") if f"blended_{m}" in self.g.files]
 
@@ -81,7 +92,7 @@ def _audio_stages(s: _Set) -> list[StageResult]:
     for key in sorted(k for k in s.g.files if k.startswith("audio_windows_fps")):
         fps = float(key.removeprefix("audio_windows_fps"))
         rows.append(max_abs(f"audio: windows @ {fps:g} fps", enc.windows(wav, AudioConfig(fps=fps)), s.g[key], TOL_AUDIO))
-    windows = torch.from_numpy(s.g["audio_windows_fps25"][: s.n_unet])
+    windows = torch.from_numpy(s.unet_windows)
     rows.append(max_abs("audio: + positional encoding", add_positional_encoding(windows).numpy(),
                         s.g["audio_cond_with_pe"], TOL_AUDIO))
     return rows
@@ -102,7 +113,7 @@ def _model_stages(s: _Set) -> list[StageResult]:
     vae, unet = s.model("vae"), s.model("unet")
     rows = [max_abs("vae: 8-channel UNet input latents", vae.unet_input(s.g["crops256"]).numpy(),
                     s.g["unet_input_latents"], TOL_AUDIO)]
-    out = unet(torch.from_numpy(s.g["unet_input_latents"]), torch.from_numpy(s.g["audio_windows_fps25"][: s.n_unet]))
+    out = unet(torch.from_numpy(s.g["unet_input_latents"]), torch.from_numpy(s.unet_windows))
     rows.append(max_abs("unet: one step at t=0", out.float().numpy(), s.g["unet_output_latents"], TOL_UNET))
     decoded = vae.decode(torch.from_numpy(s.g["unet_output_latents"]))
     rows.append(max_abs("vae: decoded faces (grey levels)", decoded, s.g["decoded_faces_bgr"], TOL_DECODE_LEVELS))
@@ -159,7 +170,7 @@ def _chained(s: _Set) -> list[StageResult]:
     frames = s.g["frames"][:n]
     coords = np.array([crop_box(lm, s.bbox_shift) for lm in s.g["landmarks68"][:n]], dtype=np.int64)
     crops = np.stack([crop_face(f, s.face_box(c, f.shape[0])) for f, c in zip(frames, coords)])
-    windows = s.model("audio").windows(load_audio(s.audio_path), AudioConfig(fps=25))[:n]
+    windows = s.model("audio").windows(load_audio(s.audio_path), AudioConfig(fps=s.unet_fps))[:n]
     latents = s.model("unet")(s.model("vae").unet_input(crops), torch.from_numpy(windows))
     faces = s.model("vae").decode(latents)
     rows = [frac_within("chained: decoded faces", faces, s.g["decoded_faces_bgr"], BLEND_LEVELS, BLEND_FRACTION)]

@@ -44,6 +44,8 @@ TINY_WHISPER = {
     "max_source_positions": 1500, "max_target_positions": 64, "pad_token_id": 1, "bos_token_id": 2,
     "eos_token_id": 3, "decoder_start_token_id": 2,
 }
+# openai/whisper-tiny's encoder/decoder sizes (the real vocabulary is not needed for the encoder)
+FULL_WHISPER = {**TINY_WHISPER, "encoder_ffn_dim": 1536, "decoder_ffn_dim": 1536, "decoder_layers": 4}
 WHISPER_PREPROCESSOR = {
     "chunk_length": 30, "feature_extractor_type": "WhisperFeatureExtractor", "feature_size": 80, "hop_length": 160,
     "n_fft": 400, "n_samples": 480000, "nb_max_frames": 3000, "padding_side": "right", "padding_value": 0.0,
@@ -75,18 +77,27 @@ def build_vae(config: dict) -> torch.nn.Module:
     return AutoencoderKL.from_config(config)
 
 
-def write_tiny_models(models_dir: str | os.PathLike, seed: int = 0, parsing: bool = True) -> Path:
-    """Write a complete tiny ``models/`` folder (both UNet versions); returns its path. Idempotent."""
+def write_tiny_models(models_dir: str | os.PathLike, seed: int = 0, parsing: bool = True,
+                      full_size: bool = False) -> Path:
+    """Write a complete tiny ``models/`` folder (both UNet versions); returns its path. Idempotent.
+
+    ``full_size=True`` writes the real architectures instead (850 M-parameter UNet, sd-vae-ft-mse, whisper-tiny),
+    still random, v1.5 only (about 4 GB): for benchmarks of the real cost through the real loading path.
+    """
     from transformers import WhisperConfig, WhisperModel
 
     models_dir = Path(models_dir)
     torch.manual_seed(seed)
-    for unet_dir, filename in (("musetalkV15", "unet.pth"), ("musetalk", "pytorch_model.bin")):
-        _write_json(TINY_UNET, models_dir / unet_dir / "musetalk.json")
-        _save(build_unet(TINY_UNET).state_dict(), models_dir / unet_dir / filename)
-    _write_json(TINY_VAE, models_dir / "sd-vae" / "config.json")
-    _save(build_vae(TINY_VAE).state_dict(), models_dir / "sd-vae" / "diffusion_pytorch_model.bin")
-    whisper_config = WhisperConfig(**{k: v for k, v in TINY_WHISPER.items() if k != "model_type"})
+    unet_cfg, vae_cfg, whisper_cfg = (FULL_UNET, FULL_VAE, FULL_WHISPER) if full_size else (TINY_UNET, TINY_VAE,
+                                                                                            TINY_WHISPER)
+    versions = (("musetalkV15", "unet.pth"),) if full_size else (("musetalkV15", "unet.pth"),
+                                                                 ("musetalk", "pytorch_model.bin"))
+    for unet_dir, filename in versions:
+        _write_json(unet_cfg, models_dir / unet_dir / "musetalk.json")
+        _save(build_unet(unet_cfg).state_dict(), models_dir / unet_dir / filename)
+    _write_json(vae_cfg, models_dir / "sd-vae" / "config.json")
+    _save(build_vae(vae_cfg).state_dict(), models_dir / "sd-vae" / "diffusion_pytorch_model.bin")
+    whisper_config = WhisperConfig(**{k: v for k, v in whisper_cfg.items() if k != "model_type"})
     whisper_config.save_pretrained(models_dir / "whisper")
     _write_json(WHISPER_PREPROCESSOR, models_dir / "whisper" / "preprocessor_config.json")
     _save(WhisperModel(whisper_config).state_dict(), models_dir / "whisper" / "pytorch_model.bin")
@@ -94,7 +105,8 @@ def write_tiny_models(models_dir: str | os.PathLike, seed: int = 0, parsing: boo
         from musetalk.parsing import BiSeNet
 
         _save(BiSeNet().state_dict(), models_dir / "face-parse-bisent" / "79999_iter.pth")
-    (models_dir / "TINY_WEIGHTS").write_text("random tiny weights from musetalk.testing.tiny: output is noise\n")
+    marker = "RANDOM_WEIGHTS" if full_size else "TINY_WEIGHTS"
+    (models_dir / marker).write_text("random weights from musetalk.testing.tiny: output is noise\n")
     return models_dir
 
 
