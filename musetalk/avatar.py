@@ -166,12 +166,22 @@ class AvatarWriter:
         (self.tmp / "meta.json").write_text(json.dumps(asdict(meta), indent=2))
         # swap in atomically: an old avatar of the same name is moved aside first, then removed
         old = None
-        if self.final_path.exists():
-            old = self.final_path.with_name(f".{self.final_path.name}.old-{os.getpid()}-{time.monotonic_ns()}")
-            os.replace(self.final_path, old)
-        os.replace(self.tmp, self.final_path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        try:
+            if self.final_path.exists():
+                old = self.final_path.with_name(f".{self.final_path.name}.old-{os.getpid()}-{time.monotonic_ns()}")
+                os.replace(self.final_path, old)
+            os.replace(self.tmp, self.final_path)
+        except OSError:
+            # another process (a second CLI run, the server) committed the same name at the same moment:
+            # use its avatar when it holds the same content, else report the clash
+            self.abort()
+            same = load_avatar(self.final_path, meta.key)
+            if same is None:
+                raise
+            return same
+        finally:
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
         return Avatar(self.final_path)
 
     def abort(self) -> None:

@@ -216,3 +216,21 @@ def test_video_writer_round_trip_is_atomic(tmp_path: Path) -> None:
             writer.write(np.zeros((64, 64, 3), np.uint8))
             raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_two_processes_preparing_the_same_avatar_both_succeed(tiny_models: Path, tmp_path: Path) -> None:
+    """Concurrent clients (CLI + server, two CLI runs) may prepare one avatar name at the same moment."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from musetalk.pipeline import MuseTalkPipeline; "
+            "p = MuseTalkPipeline.from_pretrained(sys.argv[1], device='cpu', dtype='fp32'); "
+            "a = p.prepare_avatar(sys.argv[2], name='shared'); print(len(a), a.meta.key)")
+    env = {**__import__("os").environ, "MUSETALK_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(REPO)}
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tiny_models), str(SAMPLES / "face.png")], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert outs[0][0] == outs[1][0]
+    avatars = tmp_path / "cache" / "avatars"
+    assert [p.name for p in avatars.iterdir()] == ["shared"], "no temporary or moved-aside folder may remain"
