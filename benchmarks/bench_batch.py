@@ -149,7 +149,7 @@ def write_doc(markdown: str) -> None:
         text = doc.read_text()
         body = markdown.strip() if doc == DOC else heading + markdown.strip()
         block = f"{start}\n{body}\n{end}"
-        text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _m: block, text, flags=re.S) \
+        text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _m, block=block: block, text, flags=re.S) \
             if start in text else text.rstrip() + "\n\n" + block + "\n"
         doc.write_text(text)
 

@@ -78,7 +78,7 @@ def bench_dwpose(frame: np.ndarray, n_frames: int, device: torch.device) -> list
     for flip_test, batch in ((True, 1), (True, 8), (False, 1)):
         backend = DWPoseBackend.from_model(DWPoseNet().to(device), flip_test=flip_test)
 
-        def run(frames: list[np.ndarray]) -> int:
+        def run(frames: list[np.ndarray], backend: DWPoseBackend = backend) -> int:
             return sum(r.has_face for r in backend.detect_batch(frames))
 
         row = time_per_frame(run, frame, max(n_frames, 2 * batch if batch > 1 else n_frames), batch, device)
