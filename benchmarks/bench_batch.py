@@ -142,7 +142,7 @@ def write_doc(markdown: str) -> None:
     """Put the table between the BENCH:batch (or BENCH:batch-full) markers of docs/batch.md and docs/benchmarks.md."""
     name = "batch-full" if FULL else "batch"
     start, end = f"<!-- BENCH:{name} -->", f"<!-- /BENCH:{name} -->"
-    command = "python -m benchmarks.bench_batch" + (" --full-size" if FULL else "") + " --repeats 3"
+    command = "python -m benchmarks.bench_batch" + (" --full-size" if FULL else "")
     heading = (f"## Batch: local vs Ray{', full-size architecture' if FULL else ''}\n\n`{command}` "
                "(details: [batch.md](batch.md)).\n\n")
     for doc in (DOC, REPO / "docs" / "benchmarks.md"):
