@@ -23,6 +23,7 @@ import re
 import shutil
 import tempfile
 import time
+import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -81,10 +82,16 @@ class AvatarMeta:
 
 
 class Avatar:
-    """A prepared source, read from its folder. Frames and masks are loaded one at a time."""
+    """A prepared source, read from its folder. Frames and masks are loaded one at a time.
 
-    def __init__(self, path: Path) -> None:
+    A temporary avatar (prepared without a name) owns its folder: it is removed by :meth:`close`, at the end of a
+    ``with`` block, when the object is garbage-collected, or at interpreter exit, whichever comes first.
+    """
+
+    def __init__(self, path: Path, owned_dir: Path | None = None) -> None:
         self.path = Path(path)
+        # weakref.finalize, not __del__: it also runs at interpreter exit and never resurrects the object
+        self._cleanup = weakref.finalize(self, shutil.rmtree, str(owned_dir), True) if owned_dir else None
         meta = json.loads((self.path / "meta.json").read_text())
         self.meta = AvatarMeta(**meta)
         arrays = np.load(self.path / "arrays.npz")
@@ -96,6 +103,22 @@ class Avatar:
 
     def __len__(self) -> int:
         return self.meta.num_frames
+
+    @property
+    def temporary(self) -> bool:
+        return self._cleanup is not None
+
+    def close(self) -> None:
+        """Remove a temporary avatar's folder now (named avatars stay in the cache)."""
+        if self._cleanup is not None:
+            self.latents = np.zeros((0, 8, 32, 32), np.float32)  # drop the memory map before its file goes
+            self._cleanup()
+
+    def __enter__(self) -> "Avatar":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def frame(self, index: int) -> np.ndarray:
         """Source frame ``index`` as (H, W, 3) uint8 BGR."""
@@ -148,7 +171,7 @@ class AvatarWriter:
         np.save(path, np.asarray(latents, np.float32))
         self._latent_chunks.append(path)
 
-    def commit(self, meta: AvatarMeta) -> Avatar:
+    def commit(self, meta: AvatarMeta, owned_dir: Path | None = None) -> Avatar:
         n = len(self.has_face)
         out = np.lib.format.open_memmap(self.tmp / "latents.npy", mode="w+", dtype=np.float32, shape=(n, 8, 32, 32))
         pos = 0
@@ -182,7 +205,7 @@ class AvatarWriter:
         finally:
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
-        return Avatar(self.final_path)
+        return Avatar(self.final_path, owned_dir=owned_dir)
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)

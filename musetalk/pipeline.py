@@ -140,7 +140,8 @@ class MuseTalkPipeline:
         """Landmarks, crop, latents and paste-back mask of every source frame, stored on disk.
 
         With ``name`` the avatar lands in the shared cache (``cache_root()/avatars/name``) and is reused while
-        the source content and settings are unchanged; without it, in a temporary folder owned by the caller.
+        the source content and settings are unchanged; without it, in a temporary folder that the returned Avatar
+        owns (removed by ``avatar.close()``, a ``with`` block, garbage collection or interpreter exit).
         Raises NoFaceError when no frame has a face.
         """
         from musetalk.blending import prepare_blend_material
@@ -213,7 +214,7 @@ class MuseTalkPipeline:
                                   "use a source where one face is clearly visible (frontal, not too small)")
             meta = AvatarMeta(key=key, source=str(source), num_frames=len(writer.has_face), fps=fps, width=size[0],
                               height=size[1], faces=faces, settings=settings, created=time.time())
-            return writer.commit(meta)
+            return writer.commit(meta, owned_dir=path.parent if name is None else None)
         except BaseException:
             writer.abort()
             if name is None:
@@ -340,7 +341,6 @@ class MuseTalkPipeline:
             if bar is not None:
                 bar.close()
         finally:
-            if avatar is None:
-                shutil.rmtree(prepared.path.parent, ignore_errors=True)
+            prepared.close()  # a temporary avatar goes now; a named one stays in the cache
         return GenerationResult(Path(output), written, prepared.meta.fps, time.perf_counter() - started,
                                 str(prepared.path) if avatar else "(temporary)")

@@ -570,8 +570,7 @@ class GenerationService:
                 frames.close()  # stops the pipeline's model thread
             job.generating_until = time.perf_counter()
         finally:
-            if job.avatar is None:  # a temporary avatar (a named one stays in the shared cache)
-                shutil.rmtree(avatar.path.parent, ignore_errors=True)
+            avatar.close()  # removes a temporary avatar; a named one stays in the shared cache
 
     def _finish(self, job: Job, state: JobState, error: ApiError | None) -> None:
         if state != "done":  # removed before the state changes: a client that sees "failed" sees no files

@@ -234,3 +234,19 @@ def test_two_processes_preparing_the_same_avatar_both_succeed(tiny_models: Path,
     assert outs[0][0] == outs[1][0]
     avatars = tmp_path / "cache" / "avatars"
     assert [p.name for p in avatars.iterdir()] == ["shared"], "no temporary or moved-aside folder may remain"
+
+
+def test_temporary_avatars_clean_up_after_themselves(pipe: MuseTalkPipeline) -> None:
+    import gc
+
+    avatar = pipe.prepare_avatar(SAMPLES / "face.png")
+    folder = avatar.path.parent
+    assert avatar.temporary and folder.is_dir()
+    with avatar:
+        assert len(avatar) == 1
+    assert not folder.exists()
+    avatar = pipe.prepare_avatar(SAMPLES / "face.png")
+    folder = avatar.path.parent
+    del avatar
+    gc.collect()
+    assert not folder.exists(), "a dropped temporary avatar must not leak its folder"
