@@ -85,3 +85,30 @@ def test_import_has_no_side_effects() -> None:
     code = "import sys, musetalk, musetalk.cli; print('torch' in sys.modules)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.stdout.strip() == "False", "importing musetalk or its CLI must not import torch"
+
+
+def test_ctrl_c_mid_run_leaves_nothing_behind(tmp_path: Path, tiny_models: Path) -> None:
+    """A real SIGINT while frames are being encoded: exit 130, no output, no partial file, no temp avatar."""
+    import signal
+    import time
+
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {**os.environ, "MUSETALK_CACHE": str(tmp_path / "cache"), "TMPDIR": str(tmp)}
+    proc = subprocess.Popen([sys.executable, "-m", "musetalk", "generate", "--source", str(SAMPLES / "face.png"),
+                             "--audio", str(SAMPLES / "speech.wav"), "--output", str(out_dir / "out.mp4"),
+                             "--models", str(tiny_models), "--dtype", "fp32", "--batch-size", "2", "--quiet"],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 300
+    while not list(out_dir.glob(".*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)  # wait until the video is being written
+    assert proc.poll() is None, "the run ended before it could be interrupted: " + proc.communicate()[1]
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    assert list(out_dir.iterdir()) == [], "no output and no partial file"
+    assert list(tmp.iterdir()) == [], "the temporary avatar must be removed"
