@@ -32,3 +32,18 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from musetalk.testing.tiny import write_tiny_models
 
     return write_tiny_models(tmp_path_factory.mktemp("models"))
+
+
+def write_wav(path: Path, samples, rate: int = 16000) -> Path:
+    """Write float samples in [-1, 1] as a mono PCM16 wav (stdlib only); returns the path."""
+    import wave
+
+    import numpy as np
+
+    data = (np.clip(np.asarray(samples, dtype=np.float64), -1, 1) * 32767).astype("<i2")
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(data.tobytes())
+    return path

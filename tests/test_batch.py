@@ -23,6 +23,7 @@ from musetalk.cli import build_parser, main
 from musetalk.config import preset
 from musetalk.errors import InputError
 from musetalk.video import probe
+from tests.conftest import write_wav
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "samples"
@@ -30,17 +31,9 @@ FRAMES = {"face-a1.mp4": 10, "face-a2.mp4": 12, "clip-a3.mp4": 14}  # output -> 
 
 
 def _write_wav(path: Path, seconds: float) -> None:
-    import av
-
     from musetalk.audio import load_audio
 
-    wav = load_audio(SAMPLES / "speech.wav")[8000:8000 + int(seconds * 16000)]  # from 0.5 s: speech, not silence
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("pcm_s16le", rate=16000, layout="mono")
-        frame = av.AudioFrame.from_ndarray((wav * 32767).astype(np.int16).reshape(1, -1), format="s16", layout="mono")
-        frame.sample_rate = 16000
-        for packet in list(stream.encode(frame)) + list(stream.encode(None)):
-            out.mux(packet)
+    write_wav(path, load_audio(SAMPLES / "speech.wav")[8000:8000 + int(seconds * 16000)])  # from 0.5 s: speech
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from musetalk.audio import load_audio
 from musetalk.errors import InputError, MuseTalkError, NoFaceError
 from musetalk.pipeline import MuseTalkPipeline, pingpong
 from musetalk.video import VideoWriter, open_frames, probe
+from tests.conftest import write_wav
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "samples"
@@ -23,18 +24,8 @@ def pipe(tiny_models: Path) -> MuseTalkPipeline:
 
 @pytest.fixture(scope="module")
 def short_audio(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The first 1.3 s of the sample speech, as a 44.1 kHz stereo mp3-free wav (exercises resampling)."""
-    import av
-
-    wav = load_audio(SAMPLES / "speech.wav")[: int(1.3 * 16000)]
-    path = tmp_path_factory.mktemp("audio") / "short.wav"
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("pcm_s16le", rate=16000, layout="mono")
-        frame = av.AudioFrame.from_ndarray((wav * 32767).astype(np.int16).reshape(1, -1), format="s16", layout="mono")
-        frame.sample_rate = 16000
-        for packet in list(stream.encode(frame)) + list(stream.encode(None)):
-            out.mux(packet)
-    return path
+    """The first 1.3 s of the sample speech (16 kHz mono PCM16)."""
+    return write_wav(tmp_path_factory.mktemp("audio") / "short.wav", load_audio(SAMPLES / "speech.wav")[: int(1.3 * 16000)])
 
 
 @pytest.fixture(scope="module")
