@@ -205,3 +205,18 @@ def test_frame_rate_conversion_to_25(tmp_path):
     got = [int(round(f.mean() / 8)) for f in iter_frames_bgr(path, 25.0)]
     want = [int(np.floor((k + 0.5) / 25 * 30 + 1e-9)) for k in range(25)]
     assert got == want
+
+
+def test_a_batch_summary_scores_its_finished_videos(tmp_path):
+    """`musetalk evaluate summary.jsonl`: the done rows' outputs (relative to the summary), in order."""
+    (tmp_path / "a.mp4").write_bytes(b"x")
+    (tmp_path / "b.mp4").write_bytes(b"x")
+    lines = [{"row": 2, "output": "a.mp4", "state": "done"}, {"row": 3, "output": None, "state": "invalid"},
+             {"row": 4, "output": str(tmp_path / "b.mp4"), "state": "done"}, {"row": 5, "output": "c.mp4",
+                                                                               "state": "failed"}]
+    summary = tmp_path / "summary.jsonl"
+    summary.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    assert ev._videos(summary) == [tmp_path / "a.mp4", tmp_path / "b.mp4"]
+    summary.write_text(json.dumps({"row": 1, "state": "failed", "output": None}) + "\n")
+    with pytest.raises(InputError, match="no finished videos"):
+        ev._videos(summary)

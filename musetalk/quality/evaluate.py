@@ -384,7 +384,8 @@ def _evaluate_tracks(video: str | os.PathLike, wav: np.ndarray, crop: str, score
 
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``musetalk evaluate VIDEO|FOLDER [--audio A] [--syncnet PATH] [--crop ...] [--json OUT]``."""
-    parser.add_argument("video", type=Path, help="a video, or a folder of videos (scored one by one into a table)")
+    parser.add_argument("video", type=Path, help="a video, a folder of videos, or a batch summary.jsonl "
+                        "(several are scored one by one into a table)")
     parser.add_argument("--audio", type=Path, default=None, help="speech to score against (default: the video's)")
     parser.add_argument("--syncnet", type=Path, default=None,
                         help=f"syncnet_v2.model (default: $MUSETALK_SYNCNET or <models>/{SYNCNET_FILE})")
@@ -407,6 +408,22 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _videos(path: Path) -> list[Path]:
+    """The videos to score: one file, every video of a folder, or the finished outputs of a batch summary."""
+    if path.suffix.lower() == ".jsonl" and path.is_file():  # `musetalk batch` summary: one JSON object per row
+        found = []
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise InputError(f"{path} line {number} is not JSON", "pass the summary.jsonl `musetalk batch` wrote") from None
+            if row.get("state") == "done" and row.get("output"):
+                out = Path(row["output"])
+                found.append(out if out.is_absolute() else path.parent / out)
+        if not found:
+            raise InputError(f"no finished videos in the batch summary {path}", "run the batch first")
+        return found
     if path.is_dir():
         found = sorted(p for p in path.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES)
         if not found:
