@@ -112,3 +112,12 @@ def test_ctrl_c_mid_run_leaves_nothing_behind(tmp_path: Path, tiny_models: Path)
     assert "interrupted" in stderr and "Traceback" not in stderr
     assert list(out_dir.iterdir()) == [], "no output and no partial file"
     assert list(tmp.iterdir()) == [], "the temporary avatar must be removed"
+
+
+def test_public_api_is_importable_lazily() -> None:
+    code = ("import sys, musetalk; assert 'torch' not in sys.modules; "
+            "from musetalk import MuseTalkPipeline, Avatar, preset, Profiler, resolve_device, WeightsError; "
+            "print(MuseTalkPipeline.__module__, sorted(set(musetalk.__all__) - set(dir(musetalk))))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "musetalk.pipeline []"
