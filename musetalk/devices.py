@@ -53,13 +53,22 @@ def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device | None
         device = device or resolve_device("auto")
         if device.type in ("cuda", "mps"):
             return torch.float16
-        # Measured on a 2-core x86 CPU: full-size UNet 0.64 -> 0.17 s/frame and VAE decode 2.23 -> 0.42 s/frame
-        # in bf16. MUSETALK_CPU_DTYPE lets a user on a CPU without fast bf16 fall back to fp32.
-        return DTYPES[os.environ.get("MUSETALK_CPU_DTYPE", "bf16")]
+        # bf16 doubles model-only fps on a CPU with native bf16 (docs/benchmarks.md: 0.35 -> 0.75 fps); without it
+        # bf16 is emulated and slower than fp32. MUSETALK_CPU_DTYPE overrides the choice.
+        choice = os.environ.get("MUSETALK_CPU_DTYPE") or ("bf16" if cpu_has_fast_bf16() else "fp32")
+        return DTYPES[choice]
     try:
         return DTYPES[dtype]
     except KeyError:
         raise InputError(f"unknown dtype {dtype!r}", f"use auto or one of {sorted(DTYPES)}") from None
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU runs bf16 natively (oneDNN's check: AVX-512 BF16 / AMX on x86, BF16 on Arm)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def synchronize(device: torch.device) -> None:
