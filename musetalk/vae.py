@@ -90,6 +90,7 @@ class VAE:
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """(B, 4, 32, 32) latents -> (B, 256, 256, 3) uint8 BGR faces."""
         x = self.model.decode(latents.to(self.device, self.dtype) / self.scaling_factor).sample
-        x = (x.float() / 2 + 0.5).clamp(0, 1)
+        # fp16 decoders can overflow to inf/NaN on rare latents; map those to grey/white/black, not garbage bytes
+        x = torch.nan_to_num(x.float() / 2 + 0.5, nan=0.5, posinf=1.0, neginf=0.0).clamp(0, 1)
         img = (x.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu().numpy()
         return np.ascontiguousarray(img[..., ::-1])
