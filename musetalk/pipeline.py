@@ -22,7 +22,7 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Generator
 
 import numpy as np
 import torch
@@ -178,7 +178,8 @@ class MuseTalkPipeline:
             writer.add_latents(latents)
             pending.clear()
 
-        faces = size = 0
+        faces = 0
+        size = (0, 0)  # (width, height) of the source frames
         try:
             iterator = frames
             if progress:
@@ -251,7 +252,7 @@ class MuseTalkPipeline:
         _put_unless_stopped(out, _SENTINEL, stop)
 
     def stream(self, avatar: Avatar, audio: str | os.PathLike | np.ndarray, config: GenerationConfig | None = None,
-               profiler=None) -> Iterator[np.ndarray]:
+               profiler=None) -> Generator[np.ndarray, None, None]:
         """Yield the lip-synced frames ((H, W, 3) uint8 BGR) for ``audio``, one per 1/fps of audio.
 
         Model compute runs one batch ahead in a worker thread (bounded queue of 2 batches) while this
@@ -283,7 +284,8 @@ class MuseTalkPipeline:
                     frame = frame_of(s)
                     if k in face_of_row:
                         with stage("blend"):
-                            material = BlendMaterial(mask=mask_of(s), crop_box=tuple(int(v) for v in avatar.mask_boxes[s]))
+                            x1, y1, x2, y2 = (int(v) for v in avatar.mask_boxes[s])
+                            material = BlendMaterial(mask=mask_of(s), crop_box=(x1, y1, x2, y2))
                             frame = blend_with_material(frame, faces[face_of_row[k]], avatar.face_box(s), material)
                     if profiler is not None:
                         profiler.frame_done()

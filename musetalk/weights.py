@@ -42,12 +42,12 @@ def load_state_dict(path: str | os.PathLike, *, fix: str | None = None) -> dict[
     if _looks_like_lfs_pointer(path):
         raise WeightsError(f"{path} is a Git LFS pointer, not the weights", "run `git lfs pull` or " + fix)
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorsError
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         try:
             return load_file(str(path), device="cpu")
-        except (SafetensorsError, OSError, ValueError) as exc:
+        except (SafetensorError, OSError, ValueError) as exc:
             raise WeightsError(f"cannot read {path} as safetensors ({exc})", fix) from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)

@@ -89,3 +89,15 @@ def test_no_unsafe_loading_anywhere_in_the_package() -> None:
     assert not re.search(r"torch\.load\s*=", source), "torch.load must never be patched"
     calls = re.findall(r"torch\.load\(([^)]*)\)", source)
     assert all("weights_only=True" in c for c in calls), calls
+
+
+def test_safetensors_files_load_and_corrupt_ones_are_refused(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    path = tmp_path / "model.safetensors"
+    save_file({"w": torch.arange(4.0)}, str(path))
+    assert torch.equal(load_state_dict(path)["w"], torch.arange(4.0))
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(path.read_bytes()[:20])
+    with pytest.raises(WeightsError, match="cannot read"):
+        load_state_dict(broken)
