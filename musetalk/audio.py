@@ -221,7 +221,7 @@ def iter_frame_windows(encoder: AudioEncoder, wav: np.ndarray, config: AudioConf
             return None
         k = t // steps_per_segment
         if k not in segments:
-            for old in [j for j in segments if j < k]:
+            for old in [j for j in segments if j < k - 1]:  # a window may still straddle k-1 | k
                 del segments[old]
             seg = wav[k * SEGMENT_SAMPLES:(k + 1) * SEGMENT_SAMPLES]
             mel = encoder.feature_extractor(seg, return_tensors="np", sampling_rate=SAMPLE_RATE).input_features
