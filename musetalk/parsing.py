@@ -22,7 +22,7 @@ from PIL import Image
 from torch import nn
 
 from musetalk.errors import InputError
-from musetalk.weights import load_into, load_state_dict
+from musetalk.weights import file_fingerprint, load_into, load_state_dict
 
 PARSE_SIZE = 512  # the network always sees 512x512 (the reference's FaceParsing default size)
 N_CLASSES = 19
@@ -224,8 +224,9 @@ def to_parser_input(image_rgb: np.ndarray | Image.Image) -> torch.Tensor:
 class FaceParser:
     """BiSeNet face parser built from ``face-parse-bisent/79999_iter.pth``."""
 
-    def __init__(self, net: BiSeNet, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, net: BiSeNet, device: torch.device, dtype: torch.dtype, fingerprint: str | None = None) -> None:
         self.net = net
+        self.fingerprint = fingerprint  # identity of the weights file (None: built in memory)
         self.device = device
         self.dtype = dtype
 
@@ -240,7 +241,7 @@ class FaceParser:
         net = BiSeNet()
         load_into(net, load_state_dict(path), source=path)
         net.eval().requires_grad_(False).to(device=device, dtype=dtype)
-        return cls(net, torch.device(device), dtype)
+        return cls(net, torch.device(device), dtype, fingerprint=file_fingerprint(path))
 
     @torch.inference_mode()
     def parse(self, image_rgb: np.ndarray | Image.Image) -> np.ndarray:

@@ -128,9 +128,9 @@ class MuseTalkPipeline:
         return preset(self.version, **overrides)
 
     def _avatar_settings(self, config: GenerationConfig, fps: float) -> dict:
-        weights = {}
-        for name, module in (("vae", self.vae), ("parser", self.parser)):
-            weights[name] = getattr(module, "fingerprint", type(module).__name__)
+        """Everything besides the source that changes what an avatar stores: the latents depend on the VAE's
+        weights and dtype, the masks on the parser's weights."""
+        weights = {"vae": self.vae.fingerprint, "vae_dtype": str(self.vae.dtype), "parser": self.parser.fingerprint}
         return {"crop": asdict(config.crop), "blend": asdict(config.blend), "fps": fps, "weights": weights}
 
     # -- 1. prepare ----------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from musetalk.errors import WeightsError
-from musetalk.weights import DOWNLOAD_HINT, find_weights_file, load_into, load_state_dict
+from musetalk.weights import DOWNLOAD_HINT, file_fingerprint, find_weights_file, load_into, load_state_dict
 
 CROP_SIZE = 256
 LATENT_SIZE = CROP_SIZE // 8
@@ -52,8 +52,10 @@ def _convert_legacy_attention(state: dict[str, torch.Tensor]) -> dict[str, torch
 class VAE:
     """AutoencoderKL built once from ``models/sd-vae``; encodes crops and decodes latents."""
 
-    def __init__(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype,
+                 fingerprint: str | None = None) -> None:
         self.model = model
+        self.fingerprint = fingerprint  # identity of the weights file (None: built in memory)
         self.device = device
         self.dtype = dtype
         self.scaling_factor = float(model.config.scaling_factor)
@@ -73,7 +75,7 @@ class VAE:
         load_into(model, _convert_legacy_attention(load_state_dict(weights, fix=fix)), source=weights)
         # plain Module.to: diffusers' override warns about keep-in-fp32 modules these models don't have
         torch.nn.Module.to(model.eval().requires_grad_(False), device=device, dtype=dtype)
-        return cls(model, torch.device(device), dtype)
+        return cls(model, torch.device(device), dtype, fingerprint=file_fingerprint(weights))
 
     @torch.inference_mode()
     def encode(self, crops_bgr: np.ndarray, mask_lower_half: bool = False) -> torch.Tensor:

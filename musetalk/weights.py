@@ -141,6 +141,12 @@ def find_weights_file(folder: Path, stem: str) -> Path:
                        DOWNLOAD_HINT.format(models=folder.parent))
 
 
+def file_fingerprint(path: str | os.PathLike) -> str:
+    """A cheap identity of a weights file (name, size, modification time): part of cache keys built on its output."""
+    stat = Path(path).stat()
+    return f"{Path(path).name}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
 def default_models_dir() -> Path:
     """The models folder: ``$MUSETALK_MODELS`` when set, else ``models/`` in the current directory."""
     return Path(os.environ.get("MUSETALK_MODELS", "models"))

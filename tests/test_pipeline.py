@@ -241,3 +241,19 @@ def test_temporary_avatars_clean_up_after_themselves(pipe: MuseTalkPipeline) -> 
     del avatar
     gc.collect()
     assert not folder.exists(), "a dropped temporary avatar must not leak its folder"
+
+
+def test_avatar_cache_key_follows_the_vae_weights_and_dtype(pipe: MuseTalkPipeline, tiny_models: Path,
+                                                            tmp_path: Path) -> None:
+    """Latents depend on the VAE: other weights (or another dtype) must not reuse a cached avatar."""
+    from musetalk.testing.tiny import write_tiny_models
+
+    config = pipe.default_config()
+    first = pipe.prepare_avatar(SAMPLES / "face.png", config, name="keyed")
+    other_models = write_tiny_models(tmp_path / "other", seed=1)
+    other = MuseTalkPipeline.from_pretrained(other_models, version="v15", device="cpu", dtype="fp32")
+    assert other.prepare_avatar(SAMPLES / "face.png", config, name="keyed").meta.key != first.meta.key
+    bf16 = MuseTalkPipeline.from_pretrained(tiny_models, version="v15", device="cpu", dtype="bf16")
+    assert bf16.prepare_avatar(SAMPLES / "face.png", config, name="keyed").meta.key != first.meta.key
+    again = pipe.prepare_avatar(SAMPLES / "face.png", config, name="keyed")
+    assert again.meta.key == first.meta.key
