@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from musetalk.stages import audio as audio_stage
+from musetalk.stream import pauses
 from musetalk.stream.avatar import Avatar, AvatarMeta, AvatarWriter, avatar_key, cache_root, check_avatar_name, \
     hash_source, load_avatar
 from musetalk.config import GenerationConfig, preset
@@ -45,6 +46,15 @@ def pingpong(index: int, num_source_frames: int) -> int:
         return 0
     j = index % (2 * num_source_frames)
     return j if j < num_source_frames else 2 * num_source_frames - 1 - j
+
+
+def _box_smoother(config: GenerationConfig, fps: float):
+    """The crop-box smoother of a preparation (musetalk/stages/faces/smoothing.py), or None when it is off."""
+    if config.crop.smoothing == "off":
+        return None
+    from musetalk.stages.faces.smoothing import BoxSmoother
+
+    return BoxSmoother(fps, config.crop.smoothing_min_cutoff, config.crop.smoothing_beta)
 
 
 def _put_unless_stopped(out: queue.Queue, item: object, stop: threading.Event) -> None:
@@ -83,6 +93,7 @@ class MuseTalkPipeline:
         self.dtype = unet.dtype
         self._landmarker_factory = landmarker_factory
         self._landmarkers: dict[str, Any] = {}
+        self._vad = None  # voice-activity detector (silence handling), built on first use
 
     @classmethod
     def from_pretrained(cls, models_dir: str | os.PathLike | None = None, version: str = "v15",
@@ -122,6 +133,14 @@ class MuseTalkPipeline:
                 kwargs = {"models_dir": self.models_dir} if name == "dwpose" and self.models_dir else {}
                 self._landmarkers[name] = get_landmark_backend(name, device=str(self.device), **kwargs)
         return self._landmarkers[name]
+
+    def vad(self):
+        """The voice-activity detector of the silence handling (CPU, shipped with silero-vad), built once."""
+        if self._vad is None:
+            from musetalk.stages.silence import SileroVAD
+
+            self._vad = SileroVAD.from_pretrained()
+        return self._vad
 
     def default_config(self, **overrides: object) -> GenerationConfig:
         """The reference preset of this pipeline's version, with overrides."""
@@ -165,6 +184,7 @@ class MuseTalkPipeline:
         stage = profiler.stage if profiler is not None else (lambda _name: nullcontext())
         landmarker = self.landmarker(config.crop.landmarks)
         writer = AvatarWriter(path)
+        smoother = _box_smoother(config, fps)  # None: boxes follow each frame's landmarks (the reference)
         batch = max(1, config.runtime.batch_size)
         pending: list[np.ndarray | None] = []  # crops awaiting the VAE (None: no face)
 
@@ -191,6 +211,8 @@ class MuseTalkPipeline:
                     result = landmarker.detect(frame)
                 box = crop_box(result.landmarks, config.crop.bbox_shift, result.detector_box) \
                     if result.has_face else None
+                if smoother is not None:
+                    box = smoother(box)
                 if box is not None:
                     face_box = apply_extra_margin(box, config.crop.extra_margin, frame.shape[0])
                     with stage("crop"):
@@ -224,7 +246,7 @@ class MuseTalkPipeline:
 
     # -- 2. stream -----------------------------------------------------------------------------------------
     def _predict_batches(self, avatar: Avatar, wav: np.ndarray, batch_size: int, stop: threading.Event,
-                         out: queue.Queue, stage) -> None:
+                         out: queue.Queue, stage, plan=None) -> None:
         """Producer thread: UNet + VAE decode per batch of output frames -> (source indices, faces)."""
         try:
             fps = avatar.meta.fps
@@ -237,7 +259,8 @@ class MuseTalkPipeline:
                 with stage("audio"):
                     batch_windows = np.stack([next(windows) for _ in range(count)])
                 sources = [pingpong(i, len(avatar)) for i in range(start, start + count)]
-                rows = [k for k, s in enumerate(sources) if avatar.has_face[s]]
+                rows = [k for k, s in enumerate(sources) if avatar.has_face[s]
+                        and (plan is None or plan.generated[start + k])]  # silent frames skip the models
                 faces = None
                 if rows:
                     latents = torch.from_numpy(np.stack([avatar.latents[sources[k]] for k in rows]))
@@ -266,11 +289,14 @@ class MuseTalkPipeline:
         stage = profiler.stage if profiler is not None else (lambda _name: nullcontext())
         frame_of = lru_cache(maxsize=4)(avatar.frame)  # an image source is read once, not once per frame
         mask_of = lru_cache(maxsize=4)(avatar.mask)
+        plan = pauses.plan_for(self.vad, avatar, wav, config, stage)  # None: silence off, every frame generated
+        shown = pauses.PauseFrames(plan, avatar, frame_of, mask_of) if plan is not None else None
         stop = threading.Event()
         batches: queue.Queue = queue.Queue(maxsize=2)
         worker = threading.Thread(target=self._predict_batches, name="musetalk-models", daemon=True,
-                                  args=(avatar, wav, config.runtime.batch_size, stop, batches, stage))
+                                  args=(avatar, wav, config.runtime.batch_size, stop, batches, stage, plan))
         worker.start()
+        index = 0  # output frame number
         try:
             while True:
                 item = batches.get()
@@ -287,6 +313,10 @@ class MuseTalkPipeline:
                             x1, y1, x2, y2 = (int(v) for v in avatar.mask_boxes[s])
                             material = BlendMaterial(mask=mask_of(s), crop_box=(x1, y1, x2, y2))
                             frame = blend_with_material(frame, faces[face_of_row[k]], avatar.face_box(s), material)
+                    if shown is not None and plan.weights[index] < 1:
+                        with stage("silence"):
+                            frame = shown.show(index, s, frame)
+                    index += 1
                     if profiler is not None:
                         profiler.frame_done()
                     yield frame
