@@ -30,12 +30,23 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--right-cheek-width", type=int, default=None)
     p.add_argument("--fps", type=float, default=None, help="output fps for image/folder sources (default 25)")
     p.add_argument("--landmarks", choices=["dlib", "face_alignment", "dwpose"], default=None)
+    for setting in _derived_settings():
+        p.add_argument(setting.flag, type=setting.type, choices=setting.choices, default=None,
+                       help=f"{setting.help} (default {setting.default})")
+
+
+def _derived_settings():
+    """Settings whose flags are made from their config fields (silence handling, crop smoothing)."""
+    from musetalk.config import user_settings
+
+    return [s for s in user_settings() if s.name.startswith(("silence", "smoothing"))]
 
 
 def _config(args: argparse.Namespace):
     from musetalk.config import preset
 
-    return preset(args.version, bbox_shift=getattr(args, "bbox_shift", None),
+    derived = {s.name: getattr(args, s.name, None) for s in _derived_settings()}
+    return preset(args.version, **derived, bbox_shift=getattr(args, "bbox_shift", None),
                   extra_margin=getattr(args, "extra_margin", None), parsing_mode=getattr(args, "parsing_mode", None),
                   left_cheek_width=getattr(args, "left_cheek_width", None),
                   right_cheek_width=getattr(args, "right_cheek_width", None), fps=getattr(args, "fps", None),

@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Hashable, Iterable, Mapping, Sequence
 
-from musetalk.config import BlendConfig, CropConfig, GenerationConfig, preset, with_overrides
+from musetalk.config import BlendConfig, CropConfig, GenerationConfig, SilenceConfig, preset, with_overrides
 from musetalk.errors import InputError
 
 JOB_FILE_SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
@@ -20,6 +20,7 @@ JOB_FILE_SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 ROW_SETTINGS: dict[str, type] = {
     **{f.name: {"int": int, "float": float, "str": str}[str(f.type)] for f in fields(CropConfig)},
     **{f.name: {"int": int, "float": float, "str": str}[str(f.type)] for f in fields(BlendConfig)},
+    **{f.name: {"int": int, "float": float, "str": str}[str(f.type)] for f in fields(SilenceConfig)},
     "fps": float,
 }
 _ONCE = "it is set once for the whole batch: {} (or batch.run(config=...))"

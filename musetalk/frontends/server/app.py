@@ -136,11 +136,14 @@ def _add_job_routes(app: FastAPI, service: GenerationService) -> None:
         fps: float | None = Form(None, description="output fps for image sources (videos keep theirs)"),
         batch_size: int | None = Form(None, ge=-FORM_INT_BOUND, le=FORM_INT_BOUND, description="frames per model call"),
         avatar: str | None = Form(None, description="name of a cached avatar to reuse or create (shared with the CLI)"),
+        silence: str | None = Form(None, description="pauses: source (default) | closed | off"),
+        smoothing: str | None = Form(None, description="crop box over a video: off (default) | one_euro"),
         run_async: bool = Form(False, alias="async", description="return 202 and a job id instead of waiting"),
     ) -> Any:
         """Waits and answers the mp4 (X-Job-Id, X-Frames headers), or with async=true answers 202 at once."""
         config = service.make_config(version, bbox_shift=bbox_shift, extra_margin=extra_margin,
-                                     parsing_mode=parsing_mode, fps=fps, batch_size=batch_size)
+                                     parsing_mode=parsing_mode, fps=fps, batch_size=batch_size, silence=silence,
+                                     smoothing=smoothing)
         job = await run_in_threadpool(service.submit, config, avatar, source.file, audio.file, not run_async)
         if run_async:
             return JSONResponse(service.status(job), status_code=202, headers={"Location": f"/jobs/{job.id}"})
