@@ -188,7 +188,7 @@ def test_form_fields_are_config_fields() -> None:
     import inspect
     import typing
 
-    from musetalk.config import BlendConfig, CropConfig, GenerationConfig, RuntimeConfig
+    from musetalk.config import BlendConfig, CropConfig, GenerationConfig, RuntimeConfig, SilenceConfig
     from musetalk.frontends.server import create_app
 
     class _Pipe:  # create_app does not touch the pipeline until the app starts
@@ -200,11 +200,11 @@ def test_form_fields_are_config_fields() -> None:
     endpoint = next(r.endpoint for r in app.routes if getattr(r, "path", "") == "/generate")
     hints = typing.get_type_hints(endpoint)
     config_types = {}
-    for cls in (GenerationConfig, CropConfig, BlendConfig, RuntimeConfig):
+    for cls in (GenerationConfig, CropConfig, BlendConfig, SilenceConfig, RuntimeConfig):
         config_types.update({k: v for k, v in typing.get_type_hints(cls).items()})
     transport = {"request", "source", "audio", "avatar", "run_async", "return", "version"}
     settings = [name for name in inspect.signature(endpoint).parameters if name not in transport]
-    assert set(settings) == {"bbox_shift", "extra_margin", "parsing_mode", "fps", "batch_size"}
+    assert set(settings) == {"bbox_shift", "extra_margin", "parsing_mode", "fps", "batch_size", "silence", "smoothing"}
     for name in settings:
         assert hints[name] == typing.Optional[config_types[name]], name
 
