@@ -52,8 +52,8 @@ class CropConfig:
     # Temporal smoothing of the crop box over a video source (docs/quality.md); stored in the avatar.
     smoothing: str = option("off", "steadier crop box over a video: one_euro filters landmark jitter out; off "
                             "follows each frame's landmarks (the reference)", choices=SMOOTHING_MODES)
-    smoothing_min_cutoff: float = option(1.0, "Hz; One-Euro cutoff at rest: lower = steadier still face, more lag")
-    smoothing_beta: float = option(0.05, "One-Euro speed coefficient (per px/s): higher = less lag in fast moves")
+    smoothing_min_cutoff: float = option(0.5, "Hz; One-Euro cutoff at rest: lower = steadier still face, more lag")
+    smoothing_beta: float = option(0.2, "One-Euro speed coefficient (per px/s): higher = less lag in fast moves")
 
 
 @dataclass(frozen=True)
@@ -126,7 +126,7 @@ class GenerationConfig:
             raise InputError(f"unknown smoothing {crop.smoothing!r}", f"use one of {', '.join(SMOOTHING_MODES)}")
         if not (crop.smoothing_min_cutoff > 0 and crop.smoothing_beta >= 0):
             raise InputError("smoothing_min_cutoff must be > 0 Hz and smoothing_beta >= 0",
-                             "start from --smoothing-min-cutoff 1.0 --smoothing-beta 0.05")
+                             "start from --smoothing-min-cutoff 0.5 --smoothing-beta 0.2")
         if pauses.silence not in SILENCE_MODES:
             raise InputError(f"unknown silence mode {pauses.silence!r}", f"use one of {', '.join(SILENCE_MODES)}")
         if not 0.0 < pauses.silence_threshold < 1.0:

@@ -5,10 +5,11 @@ video) shakes the whole generated mouth region. The One-Euro filter (Casiez, Rou
 low-pass filter whose cutoff rises with speed: at rest it removes jitter, in fast moves it follows with little lag.
 
 Two tunables:
-  min_cutoff (Hz)     cutoff when the box is still; lower = steadier, but slow drifts lag more. 1 Hz at 25 fps
-                      averages over roughly the last 4 frames.
+  min_cutoff (Hz)     cutoff when the box is still; lower = steadier, but slow drifts lag more. 0.5 Hz at 25 fps
+                      averages over roughly the last 8 frames.
   beta (per px/s)     how much the cutoff rises with speed; higher = less lag in fast head moves, less smoothing
-                      there. 0 gives a plain exponential low-pass.
+                      there. 0 gives a plain exponential low-pass. The defaults (0.5 Hz, 0.2) were the best
+                      trade-off in benchmarks/bench_silence.py (docs/quality.md).
 
 The filter is causal (each box depends on the past only), so it runs inside the single streaming pass of avatar
 preparation. A frame without a face ends the run; a box that jumps by more than ``cut_jump`` of its size in one
@@ -38,7 +39,7 @@ def smoothing_factor(cutoff_hz: float | np.ndarray, dt: float) -> float | np.nda
 class OneEuroFilter:
     """One-Euro filter over a vector of values (each coordinate filtered on its own), at a fixed frame rate."""
 
-    def __init__(self, fps: float, min_cutoff: float = 1.0, beta: float = 0.05, d_cutoff: float = D_CUTOFF_HZ) -> None:
+    def __init__(self, fps: float, min_cutoff: float = 0.5, beta: float = 0.2, d_cutoff: float = D_CUTOFF_HZ) -> None:
         if fps <= 0 or min_cutoff <= 0 or beta < 0 or d_cutoff <= 0:
             raise ValueError(f"need fps, min_cutoff, d_cutoff > 0 and beta >= 0 (got {fps}, {min_cutoff}, "
                              f"{d_cutoff}, {beta})")
@@ -80,7 +81,7 @@ class BoxSmoother:
     Rounds to whole pixels and keeps x1, y1 >= 0 and a non-empty box, as the crop needs.
     """
 
-    def __init__(self, fps: float, min_cutoff: float = 1.0, beta: float = 0.05, cut_jump: float = CUT_JUMP) -> None:
+    def __init__(self, fps: float, min_cutoff: float = 0.5, beta: float = 0.2, cut_jump: float = CUT_JUMP) -> None:
         self.filter = OneEuroFilter(fps, min_cutoff, beta)
         self.cut_jump = cut_jump
         self._previous_raw: Box | None = None
@@ -102,7 +103,7 @@ class BoxSmoother:
         return (x1, y1, max(x2, x1 + 1), max(y2, y1 + 1))
 
 
-def smooth_boxes(boxes: Iterable[Box | None], fps: float, min_cutoff: float = 1.0, beta: float = 0.05,
+def smooth_boxes(boxes: Iterable[Box | None], fps: float, min_cutoff: float = 0.5, beta: float = 0.2,
                  cut_jump: float = CUT_JUMP) -> list[Box | None]:
     """The smoothed boxes of a whole sequence (for plots and benchmarks; preparation feeds a BoxSmoother)."""
     smoother = BoxSmoother(fps, min_cutoff, beta, cut_jump)
