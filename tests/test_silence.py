@@ -332,3 +332,26 @@ def test_picked_closed_frame_must_have_a_face(pipe: MuseTalkPipeline, avatar, sh
     config = with_overrides(pipe.default_config(), silence="closed", silence_frame=5)
     with pytest.raises(InputError, match="silence_frame 5"):
         next(iter(pipe.stream(avatar, short_pause, config)))
+
+
+# -- the notebook widget (headless) -------------------------------------------------------------------------------
+def test_silence_tuner_redraws_the_vad_timeline(vad, paused_speech) -> None:
+    pytest.importorskip("ipywidgets", reason="the notebooks extra is not installed")
+    from musetalk.frontends.notebook.widgets import SilenceTuner
+
+    tuner = SilenceTuner(paused_speech, FPS, vad=vad)
+    assert tuner.n_frames == 60 and tuner.renders == 0
+    assert tuner.plan().silent[25:40].all() and "skip the UNet" in tuner.describe()
+    _ = tuner.widget
+    ui = tuner._ui
+    first = bytes(ui["image"].value)
+    assert first.startswith(b"\x89PNG") and tuner.renders == 1
+    ui["min_silence"].value = 1.5  # what the browser does: longer than the inserted second, so nothing is silent
+    assert tuner.min_silence_s == 1.5 and tuner.renders == 2 and bytes(ui["image"].value) != first
+    assert not tuner.plan().silent.any() and "0/60 frames silent" in ui["status"].value
+    tuner.set(threshold=0.3)  # from Python: the slider follows, one redraw
+    assert ui["threshold"].value == 0.3 and tuner.renders == 3
+    assert tuner.config_with_choice().pauses.silence_threshold == 0.3
+    assert tuner.config_with_choice().pauses.silence_min_s == 1.5
+    with pytest.raises(InputError):
+        tuner.set(threshold=1.5)

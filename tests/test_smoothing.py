@@ -171,3 +171,31 @@ def test_preparation_stores_raw_boxes_when_off_and_smoothed_ones_when_on(jittery
         return avatar_key(hash_source(frames_folder), jittery_pipe(landmarks)._avatar_settings(cfg, on.meta.fps))
     assert key(on_config) == on.meta.key
     assert key(with_overrides(on_config, smoothing_beta=0.5)) not in (on.meta.key, off.meta.key)
+
+
+# -- the bbox_shift tuner shows raw and smoothed boxes over time (headless) -----------------------------------------
+def test_tuner_plots_raw_and_smoothed_box_tracks() -> None:
+    pytest.importorskip("ipywidgets", reason="the notebooks extra is not installed")
+    import cv2
+
+    from musetalk.frontends.notebook.widgets import BboxShiftTuner
+    from musetalk.stages.faces import get_landmark_backend
+
+    tuner = BboxShiftTuner(SAMPLES / "face.mp4", get_landmark_backend("dlib"), parser=None, max_frames=5)
+    raw, smoothed = tuner.box_tracks()
+    assert len(raw) == len(smoothed) == 5 and raw[0] == smoothed[0]
+    assert raw == [tuner.face_box(i) for i in range(5)]  # the raw track is what the tuner draws frame by frame
+    step = tuner.frame_numbers[1] - tuner.frame_numbers[0]
+    crop = tuner.config.crop
+    expected = smooth_boxes([crop_box(d.landmarks, tuner.bbox_shift, d.detector_box) for d in tuner.detections],
+                            tuner.fps / step, crop.smoothing_min_cutoff, crop.smoothing_beta)
+    assert smoothed == [apply_extra_margin(b, crop.extra_margin, 512) for b in expected]
+    _ = tuner.widget
+    first = bytes(tuner._ui["tracks"].value)
+    plot = cv2.imdecode(np.frombuffer(first, np.uint8), cv2.IMREAD_COLOR)
+    assert plot is not None and plot.shape[1] > 300
+    renders = tuner.renders
+    tuner._ui["frame_slider"].value = 2  # another frame: the tracks do not depend on it
+    assert bytes(tuner._ui["tracks"].value) == first and tuner.renders == renders + 1
+    tuner.bbox_shift = tuner.shift_range[1]  # another shift: other boxes, a new plot
+    assert bytes(tuner._ui["tracks"].value) != first
