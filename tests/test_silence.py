@@ -355,3 +355,10 @@ def test_silence_tuner_redraws_the_vad_timeline(vad, paused_speech) -> None:
     assert tuner.config_with_choice().pauses.silence_min_s == 1.5
     with pytest.raises(InputError):
         tuner.set(threshold=1.5)
+
+
+def test_long_audio_in_blocks_equals_one_pass(vad, paused_speech, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocks bound the memory on long audio; the LSTM state carries over, so the result does not change."""
+    whole = silence.speech_probabilities(vad, paused_speech)
+    monkeypatch.setattr(silence, "BLOCK_CHUNKS", 7)
+    np.testing.assert_allclose(silence.speech_probabilities(vad, paused_speech), whole, atol=1e-5)

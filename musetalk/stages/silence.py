@@ -36,6 +36,7 @@ from musetalk.errors import InputError, WeightsError
 SAMPLE_RATE = 16_000  # the VAD's weights are for 16 kHz (the audio stage's rate too)
 CHUNK = 512  # samples per speech probability (32 ms)
 CONTEXT = 64  # samples of the previous chunk each chunk also sees
+BLOCK_CHUNKS = 2048  # chunks per pass through the convolutions (65 s of audio)
 SPEECH_PAD_S = 0.04  # speech is widened by this at both ends: lips part before a plosive sounds and close after it
 VAD_WEIGHTS = "data/silero_vad_16k.safetensors"  # inside the silero_vad package folder
 INSTALL_FIX = "install the voice-activity detector: pip install silero-vad (or use --silence off)"
@@ -76,24 +77,40 @@ class SileroVAD(nn.Module):
 
     @torch.inference_mode()
     def forward(self, wav: torch.Tensor) -> torch.Tensor:
-        """(n,) float32 16 kHz waveform -> (ceil(n / 512),) speech probabilities in [0, 1]."""
+        """(n,) float32 16 kHz waveform -> (ceil(n / 512),) speech probabilities in [0, 1].
+
+        Chunks go through the convolutions in blocks of BLOCK_CHUNKS (about a minute of audio, ~2 MB of features),
+        so memory does not grow with the length of the audio.
+        """
+        wav = wav.to(torch.float32).flatten()
         n_chunks = max(1, math.ceil(wav.numel() / CHUNK))
-        x = torch.zeros(CONTEXT + n_chunks * CHUNK, dtype=torch.float32)  # zero context before chunk 0
-        x[CONTEXT:CONTEXT + wav.numel()] = wav.to(torch.float32).flatten()
-        chunks = x.unfold(0, CHUNK + CONTEXT, CHUNK)  # (C, 576): each chunk with the 64 samples before it
+        state = (torch.zeros(1, 128), torch.zeros(1, 128))
+        out = []
+        for first in range(0, n_chunks, BLOCK_CHUNKS):
+            count = min(BLOCK_CHUNKS, n_chunks - first)
+            start = first * CHUNK - CONTEXT  # each chunk also sees the 64 samples before it (zeros before the start)
+            x = torch.zeros(CONTEXT + count * CHUNK, dtype=torch.float32)
+            piece = wav[max(start, 0):first * CHUNK + count * CHUNK]
+            x[max(-start, 0):max(-start, 0) + piece.numel()] = piece
+            probs, state = self._block(x.unfold(0, CHUNK + CONTEXT, CHUNK), state)
+            out.append(probs)
+        return torch.cat(out)
+
+    def _block(self, chunks: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]
+               ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """(C, 576) chunks with their context -> (C,) probabilities, and the LSTM state after the last one."""
         h = nn.functional.pad(chunks[:, None], (0, CONTEXT), mode="reflect")
         h = self.stft_conv(h)
         h = torch.sqrt(h[:, :129] ** 2 + h[:, 129:] ** 2)  # magnitude spectrum, (C, 129, 4)
         for conv in (self.conv1, self.conv2, self.conv3, self.conv4):
             h = torch.relu(conv(h))
         features = h[:, :, 0]  # (C, 128): the strided convolutions leave one step per chunk
-        state = (torch.zeros(1, 128), torch.zeros(1, 128))
         hidden = []
-        for c in range(n_chunks):
+        for c in range(len(features)):
             state = self.lstm_cell(features[c:c + 1], state)
             hidden.append(state[0])
         out = self.final_conv(torch.relu(torch.cat(hidden))[:, :, None])
-        return torch.sigmoid(out).flatten()
+        return torch.sigmoid(out).flatten(), state
 
 
 def bundled_weights() -> Path:
