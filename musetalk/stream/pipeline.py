@@ -236,20 +236,47 @@ class MuseTalkPipeline:
                 count = min(batch_size, n_out - start)
                 with stage("audio"):
                     batch_windows = np.stack([next(windows) for _ in range(count)])
-                sources = [pingpong(i, len(avatar)) for i in range(start, start + count)]
-                rows = [k for k, s in enumerate(sources) if avatar.has_face[s]]
-                faces = None
-                if rows:
-                    latents = torch.from_numpy(np.stack([avatar.latents[sources[k]] for k in rows]))
-                    with stage("unet"):
-                        predicted = self.unet(latents, torch.from_numpy(batch_windows[rows]))
-                    with stage("vae_decode"):
-                        faces = self.vae.decode(predicted)
-                _put_unless_stopped(out, (sources, rows, faces), stop)
+                _put_unless_stopped(out, self._predict_batch(avatar, start, batch_windows, stage), stop)
         except BaseException as exc:  # handed to the consumer, which re-raises it
             _put_unless_stopped(out, exc, stop)
             return
         _put_unless_stopped(out, _SENTINEL, stop)
+
+    def _predict_batch(self, avatar: Avatar, start: int, batch_windows: np.ndarray, stage
+                       ) -> tuple[list[int], list[int], np.ndarray | None]:
+        """UNet + VAE decode of output frames ``start..`` from their (B, 50, 384) audio windows.
+
+        Returns (source index per frame, rows with a face, (len(rows), 256, 256, 3) uint8 BGR faces or None).
+        Shared by ``stream`` and live sessions (``musetalk.stream.live``).
+        """
+        sources = [pingpong(i, len(avatar)) for i in range(start, start + len(batch_windows))]
+        rows = [k for k, s in enumerate(sources) if avatar.has_face[s]]
+        faces = None
+        if rows:
+            latents = torch.from_numpy(np.stack([avatar.latents[sources[k]] for k in rows]))
+            with stage("unet"):
+                predicted = self.unet(latents, torch.from_numpy(batch_windows[rows]))
+            with stage("vae_decode"):
+                faces = self.vae.decode(predicted)
+        return sources, rows, faces
+
+    @staticmethod
+    def _compose_frames(avatar: Avatar, batch: tuple, frame_of: Callable, mask_of: Callable, stage
+                        ) -> Generator[np.ndarray, None, None]:
+        """Paste one predicted batch back into its source frames; yields (H, W, 3) uint8 BGR frames in order.
+        Shared by ``stream`` and live sessions."""
+        from musetalk.stages.blending import BlendMaterial, blend_with_material
+
+        sources, rows, faces = batch
+        face_of_row = {k: j for j, k in enumerate(rows)}
+        for k, s in enumerate(sources):
+            frame = frame_of(s)
+            if k in face_of_row:
+                with stage("blend"):
+                    x1, y1, x2, y2 = (int(v) for v in avatar.mask_boxes[s])
+                    material = BlendMaterial(mask=mask_of(s), crop_box=(x1, y1, x2, y2))
+                    frame = blend_with_material(frame, faces[face_of_row[k]], avatar.face_box(s), material)
+            yield frame
 
     def stream(self, avatar: Avatar, audio: str | os.PathLike | np.ndarray, config: GenerationConfig | None = None,
                profiler=None) -> Generator[np.ndarray, None, None]:
@@ -258,8 +285,6 @@ class MuseTalkPipeline:
         Model compute runs one batch ahead in a worker thread (bounded queue of 2 batches) while this
         generator blends and its consumer encodes. Frames without a face are the source frames, untouched.
         """
-        from musetalk.stages.blending import BlendMaterial, blend_with_material
-
         config = (config or self.default_config()).validate()
         wav = audio if isinstance(audio, np.ndarray) else audio_stage.load_audio(audio)
         audio_stage.check_speech(wav, avatar.meta.fps, source=str(audio) if not isinstance(audio, np.ndarray) else "audio")
@@ -278,21 +303,23 @@ class MuseTalkPipeline:
                     break
                 if isinstance(item, BaseException):
                     raise item
-                sources, rows, faces = item
-                face_of_row = {k: j for j, k in enumerate(rows)}
-                for k, s in enumerate(sources):
-                    frame = frame_of(s)
-                    if k in face_of_row:
-                        with stage("blend"):
-                            x1, y1, x2, y2 = (int(v) for v in avatar.mask_boxes[s])
-                            material = BlendMaterial(mask=mask_of(s), crop_box=(x1, y1, x2, y2))
-                            frame = blend_with_material(frame, faces[face_of_row[k]], avatar.face_box(s), material)
+                for frame in self._compose_frames(avatar, item, frame_of, mask_of, stage):
                     if profiler is not None:
                         profiler.frame_done()
                     yield frame
         finally:
             stop.set()
             worker.join(timeout=30)
+
+    # -- 2b. live -----------------------------------------------------------------------------------------------
+    def live(self, avatar: Avatar, config: GenerationConfig | None = None, options=None, profiler=None):
+        """A live session on ``avatar``: ``feed(pcm)`` audio as it is spoken, iterate frames as they are made.
+
+        ``options`` is a ``musetalk.stream.live.LiveConfig`` (look-ahead, buffers, lateness); see that module.
+        """
+        from musetalk.stream.live import LiveSession
+
+        return LiveSession(self, avatar, (config or self.default_config()).validate(), options, profiler)
 
     # -- 3. generate ---------------------------------------------------------------------------------------
     @staticmethod
