@@ -194,12 +194,13 @@ class LiveSession:
                 self._input_closed_at = time.perf_counter()
                 self._cond.notify_all()
 
-    def abort(self) -> None:
-        """Stop now (the worker thread ends, queued audio and frames are dropped). Idempotent."""
+    def abort(self, wait: bool = True) -> None:
+        """Stop now: queued audio and frames are dropped, the model thread ends after its current batch (joined
+        unless ``wait=False``, e.g. from an event loop). Idempotent."""
         self._stop.set()
         with self._cond:
             self._cond.notify_all()
-        if self._worker is not threading.current_thread():
+        if wait and self._worker is not threading.current_thread():
             self._worker.join(timeout=60)
         self._drain()
         if self._ended is None:
