@@ -134,6 +134,19 @@ def test_chunked_frames_stay_within_the_documented_drift(pipe, avatar, offline) 
     assert "latency (audio in -> frame out)" in report.markdown()
 
 
+def test_dashboard_shows_live_latency(pipe, avatar) -> None:
+    pytest.importorskip("ipywidgets")
+    from musetalk.frontends.notebook.widgets import LiveDashboard
+
+    dash = LiveDashboard(every=2, min_interval=0.0, title="live")
+    with dash:
+        session = pipe.live(avatar, pipe.default_config(fps=FPS, batch_size=4), profiler=dash)
+        frames = list(session.stream(chunks(CLIP[:8000], 100)))
+    status = dash.status(dash.report())
+    assert dash.report().latency["frames"] == len(frames) == 5
+    assert "latency first" in status and "p95" in status and " late" in status
+
+
 def test_late_frames_are_flagged_and_counted(pipe, avatar) -> None:
     session = pipe.live(avatar, pipe.default_config(fps=FPS, batch_size=4), LiveConfig(late_after_s=1e-6))
     frames = list(session.stream(chunks(CLIP[:8000], 200)))

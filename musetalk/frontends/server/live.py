@@ -216,6 +216,8 @@ class LiveService:
                 if message is None:
                     break
                 await ws.send_bytes(message)
+            if self._closing:  # close() aborted the session: its frames stopped early
+                raise LiveError(503, "shutting_down", "the server is shutting down", "start again when it is back")
             summary = session.summary()
             await ws.send_json({"type": "summary", **summary_body(summary)})
             await ws.close(1000)
