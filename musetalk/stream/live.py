@@ -30,7 +30,6 @@ import math
 import queue
 import threading
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
@@ -39,6 +38,7 @@ import numpy as np
 
 from musetalk.config import GenerationConfig
 from musetalk.errors import InputError, MuseTalkError
+from musetalk.hooks import check_cancelled, combine
 from musetalk.stages.audio import SAMPLE_RATE, AudioConfig
 from musetalk.stages.audio_live import IncrementalWindows
 
@@ -134,7 +134,7 @@ class LiveSession:
     """
 
     def __init__(self, pipe: "MuseTalkPipeline", avatar: "Avatar", config: GenerationConfig,
-                 options: LiveConfig | None = None, profiler: Any = None) -> None:
+                 options: LiveConfig | None = None, hooks: Any = None, profiler: Any = None) -> None:
         from musetalk.profiling.timing import LatencyMeter
 
         self.pipe = pipe
@@ -143,8 +143,10 @@ class LiveSession:
         self.options = (options or LiveConfig()).validate()
         self.fps = float(avatar.meta.fps)
         self.batch_size = max(1, config.runtime.batch_size)
-        self.profiler = profiler
-        self._stage = profiler.stage if profiler is not None else (lambda _name: nullcontext())
+        self._run = combine(hooks, profiler)  # musetalk.hooks: stage, frame_done, progress, cancelled
+        self._stage = self._run.stage
+        # hooks that also take per-frame latency (the Profiler, the notebook's LiveDashboard)
+        self._latency_sinks = [h for h in (hooks, profiler) if h is not None and hasattr(h, "frame_latency")]
         self._windows = IncrementalWindows(pipe.audio_encoder, AudioConfig(fps=self.fps), self.options.lookahead_s)
         self._cond = threading.Condition()
         self._audio: collections.deque[tuple[np.ndarray, float]] = collections.deque()  # (pcm, arrival)
@@ -284,7 +286,8 @@ class LiveSession:
     def frames(self) -> Iterator[LiveFrame]:
         """Yield frames as they are made, in order, until the audio is closed and every frame is out.
 
-        Ends quietly after ``abort``; raises the session's error (bad audio, a model failure) when there is one.
+        Ends quietly after ``abort``; raises the session's error (bad audio, a model failure) when there is one,
+        and :class:`~musetalk.errors.Cancelled` when the hooks cancel (the session is aborted).
         """
         if self._iterated:
             raise RuntimeError("a live session's frames can be iterated once")
@@ -301,14 +304,14 @@ class LiveSession:
                 start, batch, times = item
                 faces = self.pipe._compose_frames(self.avatar, batch, frame_of, mask_of, self._stage)
                 for k, image in enumerate(faces):
+                    check_cancelled(self._run)
                     now = time.perf_counter()
                     latency = now - times[k]
                     late = latency > self.options.late_after_s
                     self._latency.add(latency, late, now)
-                    if self.profiler is not None:
-                        self.profiler.frame_done()
-                        if hasattr(self.profiler, "frame_latency"):
-                            self.profiler.frame_latency(latency, late)
+                    self._run.frame_done()
+                    for sink in self._latency_sinks:
+                        sink.frame_latency(latency, late)
                     index = start + k
                     yield LiveFrame(index, index / self.fps, image, latency, late)
         finally:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from fastapi import FastAPI, File, Form, Path as PathParam, UploadFile, WebSocket
+from fastapi import FastAPI, File, Path as PathParam, UploadFile, WebSocket
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from starlette.websockets import WebSocketDisconnect, WebSocketState
@@ -41,7 +41,8 @@ from musetalk.errors import MuseTalkError
 from musetalk.frontends.server.avatars import AVATAR_ID_PATTERN, AvatarStore, ServerAvatar
 from musetalk.frontends.server.errors import ApiError, http_error
 from musetalk.frontends.server.schemas import _errors
-from musetalk.frontends.server.settings import FORM_INT_BOUND, MiB
+from musetalk.frontends.options import FORM_INT_BOUND, overrides_from, with_form_settings
+from musetalk.frontends.server.settings import MiB
 
 if TYPE_CHECKING:
     from musetalk.frontends.server.jobs import GenerationService
@@ -378,21 +379,14 @@ def add_live_routes(app: FastAPI, service: "GenerationService",
 
     @app.post("/avatars", status_code=201, summary="Prepare an avatar from a source, for live sessions",
               responses=_errors(413, 415, 422, 429, 503))
+    @with_form_settings  # the same settings fields as /generate (bbox_shift, parsing_mode, fps, ...): options.py
     async def create_avatar(
         source: UploadFile = File(..., description="face image (png/jpg/bmp/webp/tiff) or video (mp4/mov/mkv/avi)"),
-        version: str | None = Form(None, description="v15 (default) or v1"),
-        bbox_shift: int | None = Form(None, ge=-FORM_INT_BOUND, le=FORM_INT_BOUND, description="px, + moves the "
-                                      "crop's upper edge down (more mouth opening)"),
-        extra_margin: int | None = Form(None, ge=-FORM_INT_BOUND, le=FORM_INT_BOUND, description="px below the chin"),
-        parsing_mode: str | None = Form(None, description="raw | jaw | neck"),
-        fps: float | None = Form(None, description="output fps for image sources (videos keep theirs)"),
-        batch_size: int | None = Form(None, ge=-FORM_INT_BOUND, le=FORM_INT_BOUND, description="frames per model "
-                                      "call (live sessions may override it)"),
+        **settings: Any,
     ) -> JSONResponse:
         """Landmarks, crops, latents and masks of every source frame, kept until DELETE or server stop."""
-        fields = {"bbox_shift": bbox_shift, "extra_margin": extra_margin, "parsing_mode": parsing_mode, "fps": fps,
-                  "batch_size": batch_size}
-        config = service.make_config(version, **fields)
+        fields = overrides_from(settings)
+        config = service.make_config(fields.pop("version", None), **fields)
         record = await run_in_threadpool(live.avatars.create, config, fields, source.file)
         return JSONResponse(record.describe(), status_code=201, headers={"Location": f"/avatars/{record.id}"})
 
