@@ -205,7 +205,7 @@ def bench_full(seconds: float = 1.0, fps: float = 10.0, batch: int = 2, dtype: s
     return {"audio_s": seconds, "fps": fps, "dtype": dtype, "row": row}
 
 
-def bench_memory(pipe: Any, minutes: float, fps: float, batch: int = 8, chunk_ms: float = 1000) -> dict:
+def bench_memory(pipe: Any, minutes: float, fps: float, batch: int = 16, chunk_ms: float = 1000) -> dict:
     import psutil
 
     from musetalk.frontends.live_client import LiveClient
@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("which", nargs="*", default=["drift", "latency", "full", "memory"])
     parser.add_argument("--memory-minutes", type=float, default=10.0)
-    parser.add_argument("--memory-fps", type=float, default=0.5, help="0.5 fps keeps 10 min of audio to 300 frames, "
+    parser.add_argument("--memory-fps", type=float, default=1.0, help="1 fps keeps 10 min of audio to 600 frames, "
                         "what the shared 2-core CPU runs in minutes with tiny weights")
     parser.add_argument("--models", type=Path, default=None, help="tiny weights folder (default: written to a tmp dir)")
     args = parser.parse_args(argv)

@@ -9,6 +9,7 @@ look-ahead every frame stays above LIVE_PSNR_DB of the offline frame.
 from __future__ import annotations
 
 import gc
+import socket
 import json
 import threading
 import time
@@ -394,3 +395,19 @@ def test_delete_avatar_removes_its_folder(server) -> None:
     assert httpx.delete(f"{server['url']}/avatars/{body['id']}").status_code == 404
     uploads = [p for root in server["work"].glob("musetalk-server-*") for p in root.glob("avatar-upload-*")]
     assert uploads == []
+
+
+def test_cli_live_errors_are_one_line_with_a_fix(server, tmp_path: Path, capsys) -> None:
+    from musetalk.frontends.cli import main
+    from tests.conftest import write_wav
+
+    audio = write_wav(tmp_path / "speech.wav", CLIP[:4000])
+    assert main(["live", "--server", server["url"], "--avatar", "0" * 32, "--audio", str(audio)]) == 2
+    err = capsys.readouterr().err
+    assert "no avatar" in err and "fix: POST /avatars" in err and "Traceback" not in err
+    with socket.socket() as probe_sock:  # a port nobody listens on
+        probe_sock.bind(("127.0.0.1", 0))
+        port = probe_sock.getsockname()[1]
+    assert main(["live", "--server", f"http://127.0.0.1:{port}", "--avatar", "x", "--audio", str(audio)]) == 2
+    assert "cannot open a live session" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.mp4")) and not list(tmp_path.glob(".*"))
