@@ -136,8 +136,11 @@ class LiveClient:
                                   name="musetalk-live-client", daemon=True)
         with ws:  # the context closes the connection (and is how websockets >= 17.1 wants it used)
             try:
-                ws.send(json.dumps({"type": "start", "sample_rate": SAMPLE_RATE, "format": "pcm_s16le", "channels": 1,
-                                    "options": self.options}))
+                try:
+                    ws.send(json.dumps({"type": "start", "sample_rate": SAMPLE_RATE, "format": "pcm_s16le",
+                                        "channels": 1, "options": self.options}))
+                except ConnectionClosed:  # refused at once (busy, unknown avatar): the reason is the next message
+                    pass
                 result.ready = self._expect(ws, "ready")
                 fps = float(result.ready["fps"])
                 sender.start()
