@@ -24,6 +24,8 @@ import numpy as np
 from musetalk.errors import InputError, MuseTalkError
 
 SAMPLE_RATE = 16_000
+AHEAD_S = 4.0  # audio sent beyond the frames received (plus the look-ahead): under the server's 5 s backlog
+SEGMENT_S = 30.0  # "exact" frames come once their 30 s Whisper segment is complete
 
 
 class LiveClientError(MuseTalkError):
@@ -126,13 +128,17 @@ class LiveClient:
         step = 2 * max(1, int(round(chunk_ms * SAMPLE_RATE / 1000)))  # bytes per chunk
         self.result = result = LiveResult()
         try:
-            ws = connect(self.url, open_timeout=self.open_timeout, max_size=64 * 2**20, compression=None)
+            # no client keep-alive pings: while the server applies back-pressure it reads nothing (pongs included);
+            # a dead server shows up as the receive timeout instead
+            ws = connect(self.url, open_timeout=self.open_timeout, max_size=64 * 2**20, compression=None,
+                         ping_interval=None)
         except (OSError, InvalidURI, WebSocketException, TimeoutError) as exc:
             raise MuseTalkError(f"cannot open a live session at {self.url} ({type(exc).__name__}: {exc})",
                                 "check --server (is `musetalk serve` running there?) and --avatar") from None
         sent: list[tuple[int, float]] = []  # (samples sent so far, when), appended by the sender thread
         stop = threading.Event()
-        sender = threading.Thread(target=self._send_audio, args=(ws, pcm, step, realtime, sent, stop),
+        received = [0]  # frames received so far (written here, read by the sender)
+        sender = threading.Thread(target=self._send_audio, args=(ws, pcm, step, realtime, sent, stop, received),
                                   name="musetalk-live-client", daemon=True)
         with ws:  # the context closes the connection (and is how websockets >= 17.1 wants it used)
             try:
@@ -160,6 +166,7 @@ class LiveClient:
                     if latency is not None:
                         result.latencies.append(latency)
                     result.frames += 1
+                    received[0] = header["index"] + 1
                     image = _decode(data) if decode else None
                     yield ReceivedFrame(header["index"], header["timestamp"], image, data, header["latency_ms"],
                                         header["late"], latency)
@@ -181,13 +188,24 @@ class LiveClient:
             raise _error_of(body, ws)
         return body
 
-    @staticmethod
-    def _send_audio(ws: Any, pcm: bytes, step: int, realtime: bool, sent: list[tuple[int, float]],
-                    stop: threading.Event) -> None:
-        """Sender thread: the chunks (paced at 1 s of audio per s with ``realtime``), then the end message."""
+    def _ahead_limit_s(self) -> float:
+        """Audio the sender keeps at most ahead of the frames received (flow control, see ``_send_audio``)."""
+        lookahead = self.options.get("lookahead_ms", 200)
+        return AHEAD_S + (SEGMENT_S if lookahead == "exact" else float(lookahead) / 1e3)
+
+    def _send_audio(self, ws: Any, pcm: bytes, step: int, realtime: bool, sent: list[tuple[int, float]],
+                    stop: threading.Event, received: list[int]) -> None:
+        """Sender thread: the chunks (paced at 1 s of audio per s with ``realtime``), then the end message.
+
+        Flow control: it never runs more than ``_ahead_limit_s`` of audio ahead of the frames received, so the
+        server's audio backlog (5 s) does not fill and the server keeps reading (its keep-alive pongs too) even
+        when the model is slower than the audio comes.
+        """
         from websockets.exceptions import ConnectionClosed
 
         start = time.perf_counter()
+        fps = float(self.result.ready.get("fps") or 25)
+        ahead = int(self._ahead_limit_s() * SAMPLE_RATE)
         try:
             for offset in range(0, len(pcm), step):
                 if stop.is_set():
@@ -195,6 +213,8 @@ class LiveClient:
                 if realtime:  # a chunk is sent once it has been "spoken"
                     due = start + (offset + step) / 2 / SAMPLE_RATE
                     time.sleep(max(0.0, due - time.perf_counter()))
+                while (offset + step) // 2 > received[0] * SAMPLE_RATE / fps + ahead and not stop.is_set():
+                    time.sleep(0.01)
                 ws.send(pcm[offset:offset + step])
                 sent.append((min(len(pcm), offset + step) // 2, time.perf_counter()))
             ws.send(json.dumps({"type": "end"}))
