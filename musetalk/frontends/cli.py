@@ -133,7 +133,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_tiny(args: argparse.Namespace) -> int:
-    from musetalk.testing.tiny import write_tiny_models
+    from musetalk.stages.tiny import write_tiny_models
 
     print(f"tiny random weights written to {write_tiny_models(args.dir)} (output is noise, for tests only)")
     return 0
@@ -143,7 +143,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """The README's main job: the shipped samples -> outputs/demo.mp4, with real weights when available."""
     from musetalk.errors import WeightsError
     from musetalk.frontends.hub import download
-    from musetalk.testing.tiny import is_tiny, write_tiny_models
+    from musetalk.stages.tiny import is_tiny, write_tiny_models
     from musetalk.weights import LAYOUTS, default_models_dir
 
     models = args.models or default_models_dir()

@@ -61,7 +61,7 @@ def models_dir(use_tiny: bool | None = None, version: str = "v15", verbose: bool
     use_tiny=False: real weights or a WeightsError that says how to download them.
     Prints which one it chose and why (``verbose``).
     """
-    from musetalk.testing.tiny import is_tiny, write_tiny_models
+    from musetalk.stages.tiny import is_tiny, write_tiny_models
     from musetalk.weights import DOWNLOAD_HINT
 
     def say(text: str) -> None:
@@ -164,7 +164,7 @@ def download_target() -> Path:
 
 def is_tiny(models: str | os.PathLike) -> bool:
     """True for a folder of tiny random weights (generated faces are noise; runs are kept short)."""
-    from musetalk.testing.tiny import is_tiny as _is_tiny
+    from musetalk.stages.tiny import is_tiny as _is_tiny
 
     return _is_tiny(models)
 
