@@ -590,12 +590,22 @@ def _read_exact(file: Any, n: int) -> bytes:
 
 def _read_zip(path: Path, mmap: bool) -> Any:
     """torch's own weights-only loader; when its allow-list says no, the restricted unpickler decides."""
+    _check_zip_directory(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:  # an unlisted global: maybe code, maybe an mmengine object or numpy meta
         log.debug("%s: torch's weights-only loader refused it (%s); reading it with the restricted reader",
                   path, str(exc).splitlines()[0] if str(exc) else "")
     return _read_zip_restricted(path, mmap)
+
+
+def _check_zip_directory(path: Path) -> None:
+    """Every record lies inside the file (a cut download loses the central directory or the records' ends)."""
+    size = path.stat().st_size
+    with zipfile.ZipFile(path) as archive:  # BadZipFile when the central directory at the end is gone
+        for info in archive.infolist():
+            if info.header_offset + info.compress_size > size:
+                raise _Corrupt(f"truncated: record {info.filename} ends past the end of the file")
 
 
 def _read_zip_restricted(path: Path, mmap: bool) -> Any:
