@@ -473,3 +473,28 @@ def test_pipeline_runs_on_a_models_folder_of_legacy_files(tiny_models: Path, tmp
     backbone_check = checks["face-parse backbone (optional)"]
     assert backbone_check.ok and not backbone_check.required and "tar" in backbone_check.detail
     assert "legacy format" in checks[WEIGHTS["face-parse"].dest].detail
+
+
+def _hand_written_legacy(path: Path, storage_type: Any, location: str, numel: int, data: bytes) -> Path:
+    """A pre-1.6 stream written by hand, for what torch.save cannot make here (a GPU-saved file, a lying size)."""
+    stream = io.BytesIO()
+    for header in (0x1950A86A20F9469CFC6C, 1001, {"protocol_version": 1001, "little_endian": True}):
+        stream.write(_pickle_bytes(header))
+    storage_id = ("storage", storage_type, "0", location, numel, None)
+    rebuild = torch._utils._rebuild_tensor_v2
+    tensor = _Reduce(rebuild, "PID", 0, (numel,), (1,), False, collections.OrderedDict())
+    stream.write(_pickle_bytes({"w": tensor}, lambda o: storage_id if o == "PID" else None))
+    stream.write(_pickle_bytes(["0"]))
+    stream.write(struct.pack("<q", numel) + data)
+    path.write_bytes(stream.getvalue())
+    return path
+
+
+def test_gpu_saved_legacy_files_load_on_the_cpu_and_lying_sizes_are_caught(tmp_path: Path) -> None:
+    values = torch.arange(6, dtype=torch.float32)
+    gpu = _hand_written_legacy(tmp_path / "gpu.pth", torch.cuda.FloatStorage, "cuda:0", 6, values.numpy().tobytes())
+    got = load_state_dict(gpu)["w"]
+    assert got.device.type == "cpu" and torch.equal(got, values)
+    huge = _hand_written_legacy(tmp_path / "huge.pth", torch.FloatStorage, "cpu", 10**15, b"")
+    with pytest.raises(WeightsError, match="truncated"):  # refused before allocating 4 PB
+        load_state_dict(huge)

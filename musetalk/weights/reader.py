@@ -470,6 +470,7 @@ def _read_legacy(path: Path) -> Any:
     """The pre-1.6 stream: magic, protocol, sys_info, object pickle, storage keys, then each storage's bytes."""
     roots: dict[str, _Storage] = {}
     views: dict[str, _Storage] = {}
+    file_size = path.stat().st_size
 
     def persistent(pid: Any) -> Any:
         if not isinstance(pid, tuple) or not pid:
@@ -483,6 +484,8 @@ def _read_legacy(path: Path) -> Any:
         dtype, key = _storage_type(storage_type), _storage_key(key)
         if type(numel) is not int or numel < 0:
             raise _Corrupt("malformed storage size")
+        if numel * dtype.itemsize > file_size:  # checked before allocating: the bytes must be in this file
+            raise _Corrupt(f"truncated: storage {key} needs {numel * dtype.itemsize} bytes, the file has {file_size}")
         if key not in roots:  # bytes are filled in after the pickle; tensors already view this storage
             roots[key] = _Storage(torch.UntypedStorage(numel * dtype.itemsize), dtype)
         root = roots[key]
@@ -542,6 +545,7 @@ def _read_tar(path: Path) -> Any:
         names = set(tar.getnames())
         if "sys_info" in names:
             _check_sys_info(_unpickle(member(tar, "sys_info")))
+        storages_size = tar.getmember("storages").size if "storages" in names else 0
         with member(tar, "storages") as f:
             for _ in range(_count(_unpickle(f))):
                 record = _unpickle(f)
@@ -550,6 +554,8 @@ def _read_tar(path: Path) -> Any:
                 key, _location, storage_type = record
                 dtype = _storage_type(storage_type)
                 numel = _read_int64(f)
+                if not 0 <= numel * dtype.itemsize <= storages_size:  # before allocating
+                    raise _Corrupt(f"truncated: a storage of {numel} elements does not fit its tar member")
                 objects[_storage_key(key)] = _Storage(_read_storage_bytes(f, numel * dtype.itemsize), dtype)
             for target, root, offset, numel in _unpickle(f):
                 base = objects[_storage_key(root)]
