@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from musetalk.weights.registry import TINY_MARKER, WEIGHTS
+
 TINY_UNET = {
     "_class_name": "UNet2DConditionModel", "act_fn": "silu", "attention_head_dim": 8,
     "block_out_channels": [32, 64], "center_input_sample": False, "cross_attention_dim": 384,
@@ -90,29 +92,29 @@ def write_tiny_models(models_dir: str | os.PathLike, seed: int = 0, parsing: boo
     torch.manual_seed(seed)
     unet_cfg, vae_cfg, whisper_cfg = (FULL_UNET, FULL_VAE, FULL_WHISPER) if full_size else (TINY_UNET, TINY_VAE,
                                                                                             TINY_WHISPER)
-    versions = (("musetalkV15", "unet.pth"),) if full_size else (("musetalkV15", "unet.pth"),
-                                                                 ("musetalk", "pytorch_model.bin"))
-    for unet_dir, filename in versions:
-        _write_json(unet_cfg, models_dir / unet_dir / "musetalk.json")
-        _save(build_unet(unet_cfg).state_dict(), models_dir / unet_dir / filename)
-    _write_json(vae_cfg, models_dir / "sd-vae" / "config.json")
-    _save(build_vae(vae_cfg).state_dict(), models_dir / "sd-vae" / "diffusion_pytorch_model.bin")
+    versions = ("v15",) if full_size else ("v15", "v1")
+    for version in versions:  # every path below comes from the registry (musetalk.weights.registry)
+        _write_json(unet_cfg, models_dir / WEIGHTS[f"unet-{version}-config"].dest)
+        _save(build_unet(unet_cfg).state_dict(), models_dir / WEIGHTS[f"unet-{version}"].dest)
+    _write_json(vae_cfg, models_dir / WEIGHTS["vae-config"].dest)
+    _save(build_vae(vae_cfg).state_dict(), models_dir / WEIGHTS["vae"].dest)
     whisper_config = WhisperConfig(**{k: v for k, v in whisper_cfg.items() if k != "model_type"})
-    whisper_config.save_pretrained(models_dir / "whisper")
-    _write_json(WHISPER_PREPROCESSOR, models_dir / "whisper" / "preprocessor_config.json")
-    _save(WhisperModel(whisper_config).state_dict(), models_dir / "whisper" / "pytorch_model.bin")
+    whisper_dir = (models_dir / WEIGHTS["whisper-config"].dest).parent
+    whisper_config.save_pretrained(whisper_dir)
+    _write_json(WHISPER_PREPROCESSOR, models_dir / WEIGHTS["whisper-preprocessor"].dest)
+    _save(WhisperModel(whisper_config).state_dict(), models_dir / WEIGHTS["whisper"].dest)
     if parsing:
         from musetalk.stages.parsing import BiSeNet
 
-        _save(BiSeNet().state_dict(), models_dir / "face-parse-bisent" / "79999_iter.pth")
-    marker = "RANDOM_WEIGHTS" if full_size else "TINY_WEIGHTS"
+        _save(BiSeNet().state_dict(), models_dir / WEIGHTS["face-parse"].dest)
+    marker = "RANDOM_WEIGHTS" if full_size else TINY_MARKER
     (models_dir / marker).write_text("random weights from musetalk.stages.tiny: output is noise\n")
     return models_dir
 
 
 def is_tiny(models_dir: str | os.PathLike) -> bool:
     """True when the folder was written by :func:`write_tiny_models`."""
-    return (Path(models_dir) / "TINY_WEIGHTS").is_file()
+    return (Path(models_dir) / TINY_MARKER).is_file()
 
 
 def main(argv: list[str] | None = None) -> int:
