@@ -126,8 +126,8 @@ def preset(version: str = "v15", **overrides: object) -> GenerationConfig:
 
 def with_overrides(config: GenerationConfig, **overrides: object) -> GenerationConfig:
     """A copy with fields replaced by name, wherever they live; None values are ignored; unknown names raise."""
-    parts = {"crop": config.crop, "blend": config.blend, "runtime": config.runtime}
-    top: dict[str, object] = {}
+    parts: dict[str, Any] = {"crop": config.crop, "blend": config.blend, "runtime": config.runtime}
+    top: dict[str, Any] = {}
     for key, value in overrides.items():
         if value is None:
             continue

@@ -112,9 +112,19 @@ def cmd_download(args: argparse.Namespace) -> int:
 
     versions = ["v15", "v1"] if args.version == "all" else [args.version]
     models = args.dir or default_models_dir()
-    download(models, versions, dwpose=args.dwpose, syncnet=args.syncnet)
+    download(models, versions, dwpose=args.dwpose, syncnet=args.syncnet, convert=args.convert)
     print(f"weights ready in {models}")
     return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from musetalk.weights import default_models_dir
+    from musetalk.weights.convert import convert_models
+
+    models = args.models or default_models_dir()
+    written = convert_models(models)
+    print(f"{len(written)} {args.to} file(s) current in {models}" if written else f"no registered weights in {models}")
+    return 0 if written else 1
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -122,18 +132,18 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from musetalk.weights import default_models_dir
 
     models = args.models or default_models_dir()
-    checks = doctor(models)
+    checks = doctor(models, verify=args.verify)
     print(f"models folder: {models.resolve()}")
     for c in checks:
         mark = "ok " if c.ok else ("ERR" if c.required else "-- ")
-        print(f"[{mark}] {c.name:<28} {c.detail}" + (f"\n       fix: {c.fix}" if not c.ok and c.fix else ""))
+        print(f"[{mark}] {c.name:<40} {c.detail}" + (f"\n       fix: {c.fix}" if not c.ok and c.fix else ""))
     blocking = [c for c in checks if c.required and not c.ok]
     print("generation can run" if not blocking else f"generation cannot run: {len(blocking)} problem(s) above")
     return 0 if not blocking else 1
 
 
 def cmd_tiny(args: argparse.Namespace) -> int:
-    from musetalk.testing.tiny import write_tiny_models
+    from musetalk.stages.tiny import write_tiny_models
 
     print(f"tiny random weights written to {write_tiny_models(args.dir)} (output is noise, for tests only)")
     return 0
@@ -143,7 +153,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """The README's main job: the shipped samples -> outputs/demo.mp4, with real weights when available."""
     from musetalk.errors import WeightsError
     from musetalk.frontends.hub import download
-    from musetalk.testing.tiny import is_tiny, write_tiny_models
+    from musetalk.stages.tiny import is_tiny, write_tiny_models
     from musetalk.weights import LAYOUTS, default_models_dir
 
     models = args.models or default_models_dir()
@@ -207,10 +217,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", type=Path, default=None)
     p.add_argument("--dwpose", action="store_true", help="also DWPose (landmarks backend 'dwpose')")
     p.add_argument("--syncnet", action="store_true", help="also SyncNet + S3FD (for `musetalk evaluate`)")
+    p.add_argument("--convert", action="store_true", help="then write a safetensors copy of each (`musetalk convert`)")
     p.set_defaults(func=cmd_download)
+
+    p = sub.add_parser("convert", help="write a .safetensors copy beside each official weight file (faster, no pickle)")
+    p.add_argument("--to", required=True, choices=["safetensors"], help="target format")
+    p.add_argument("--models", type=Path, default=None, help="models folder (default: $MUSETALK_MODELS or ./models)")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("doctor", help="check Python, torch, devices, codecs, face backends and weights")
     p.add_argument("--models", type=Path, default=None)
+    p.add_argument("--verify", action="store_true", help="also check each weight file's SHA-256 (slow: reads them all)")
     p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("tiny-weights", help="write tiny random weights in the official layout (tests, demos)")

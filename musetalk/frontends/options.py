@@ -57,7 +57,7 @@ def form_parameters(scopes: tuple[str, ...] = ("run", "batch")) -> list[inspect.
 
     params = []
     for setting in settings_for(*scopes):
-        bounds = {"ge": -FORM_INT_BOUND, "le": FORM_INT_BOUND} if setting.type is int else {}
+        bounds: dict[str, Any] = {"ge": -FORM_INT_BOUND, "le": FORM_INT_BOUND} if setting.type is int else {}
         params.append(inspect.Parameter(setting.name, inspect.Parameter.KEYWORD_ONLY,
                                         default=Form(None, description=_describe(setting), **bounds),
                                         annotation=Optional[setting.type]))  # noqa: UP045 (evaluated by FastAPI)

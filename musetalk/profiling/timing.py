@@ -27,6 +27,7 @@ import torch
 
 from musetalk.devices import synchronize
 from musetalk.profiling.memory import CappedSeries, as_device
+from musetalk.stream.latency import LatencyMeter  # noqa: F401  (re-exported: the Profiler uses it)
 
 # The pipeline's stage names, in pipeline order (prepare: landmarks..vae_encode; stream: audio..encode).
 PIPELINE_STAGES = ("landmarks", "crop", "parsing", "vae_encode", "audio", "unet", "vae_decode", "blend", "encode")
@@ -217,56 +218,3 @@ class FpsMeter:
         with self._lock:
             return self.frames / (end - start) if end > start and self.frames else None
 
-
-class LatencyMeter:
-    """Per-frame latency of a live session (thread-safe, bounded): the time from the arrival of the audio that
-    completes a frame to the frame leaving the pipeline. Call ``add(seconds, late)`` once per frame.
-
-    Keeps the first frame's latency, count, late count, max and mean exactly, and p50/p95 over a reservoir
-    (Vitter's algorithm R, ``RESERVOIR_SIZE`` values), so a 10-minute session costs the same memory as a second.
-    """
-
-    def __init__(self, reservoir_size: int = RESERVOIR_SIZE, max_points: int = MAX_FPS_POINTS) -> None:
-        self.frames = 0
-        self.late = 0
-        self.first: float | None = None
-        self.max = 0.0
-        self.total = 0.0
-        self._size = reservoir_size
-        self._reservoir: list[float] = []
-        self._series: CappedSeries[tuple[float, float]] = CappedSeries(max_points)
-        self._rng = random.Random(0)
-        self._lock = threading.Lock()
-
-    def add(self, seconds: float, late: bool = False, t: float | None = None) -> None:
-        """Record one frame's latency (s), whether it counted as late, and when it left (perf_counter s)."""
-        t = time.perf_counter() if t is None else t
-        with self._lock:
-            if self.first is None:
-                self.first = seconds
-            self.frames += 1
-            self.late += bool(late)
-            self.max = max(self.max, seconds)
-            self.total += seconds
-            if len(self._reservoir) < self._size:
-                self._reservoir.append(seconds)
-            else:
-                slot = self._rng.randrange(self.frames)
-                if slot < self._size:
-                    self._reservoir[slot] = seconds
-            self._series.append((t, seconds))
-
-    def summary(self) -> dict[str, float | int | None]:
-        """frames, late, first_s, p50_s, p95_s, max_s, mean_s (None before the first frame)."""
-        with self._lock:
-            if not self._reservoir:
-                return {"frames": 0, "late": 0, "first_s": None, "p50_s": None, "p95_s": None, "max_s": None,
-                        "mean_s": None}
-            p50, p95 = np.percentile(np.asarray(self._reservoir), [50, 95])
-            return {"frames": self.frames, "late": self.late, "first_s": self.first, "p50_s": float(p50),
-                    "p95_s": float(p95), "max_s": self.max, "mean_s": self.total / self.frames}
-
-    def series(self) -> list[tuple[float, float]]:
-        """(t, latency s) points, oldest first (thinned evenly on long sessions)."""
-        with self._lock:
-            return self._series.items()

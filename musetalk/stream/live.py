@@ -41,6 +41,7 @@ from musetalk.errors import InputError, MuseTalkError
 from musetalk.hooks import check_cancelled, combine
 from musetalk.stages.audio import SAMPLE_RATE, AudioConfig
 from musetalk.stages.audio_live import IncrementalWindows
+from musetalk.stream.latency import LatencyMeter
 
 if TYPE_CHECKING:
     from musetalk.stream.avatar import Avatar
@@ -135,8 +136,6 @@ class LiveSession:
 
     def __init__(self, pipe: "MuseTalkPipeline", avatar: "Avatar", config: GenerationConfig,
                  options: LiveConfig | None = None, hooks: Any = None, profiler: Any = None) -> None:
-        from musetalk.profiling.timing import LatencyMeter
-
         self.pipe = pipe
         self.avatar = avatar
         self.config = config
@@ -308,7 +307,7 @@ class LiveSession:
                     now = time.perf_counter()
                     latency = now - times[k]
                     late = latency > self.options.late_after_s
-                    self._latency.add(latency, late, now)
+                    self._latency.add(latency, late)
                     self._run.frame_done()
                     for sink in self._latency_sinks:
                         sink.frame_latency(latency, late)
