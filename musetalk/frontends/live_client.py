@@ -26,6 +26,7 @@ from musetalk.errors import InputError, MuseTalkError
 SAMPLE_RATE = 16_000
 AHEAD_S = 4.0  # audio sent beyond the frames received (plus the look-ahead): under the server's 5 s backlog
 SEGMENT_S = 30.0  # "exact" frames come once their 30 s Whisper segment is complete
+WINDOW_S = 0.2  # a frame's audio window reaches this far past the frame (10 Whisper steps; less at 25 fps)
 
 
 class LiveClientError(MuseTalkError):
@@ -189,9 +190,13 @@ class LiveClient:
         return body
 
     def _ahead_limit_s(self) -> float:
-        """Audio the sender keeps at most ahead of the frames received (flow control, see ``_send_audio``)."""
+        """Audio the sender keeps at most ahead of the frames received (flow control, see ``_send_audio``): the
+        server cuts a batch once its last frame's audio window (0.2 s) and look-ahead are in, so that much and a
+        batch of frames come on top of ``AHEAD_S``."""
+        ready = self.result.ready
+        batch_s = float(ready.get("batch_size") or 8) / float(ready.get("fps") or 25)
         lookahead = self.options.get("lookahead_ms", 200)
-        return AHEAD_S + (SEGMENT_S if lookahead == "exact" else float(lookahead) / 1e3)
+        return AHEAD_S + batch_s + WINDOW_S + (SEGMENT_S if lookahead == "exact" else float(lookahead) / 1e3)
 
     def _send_audio(self, ws: Any, pcm: bytes, step: int, realtime: bool, sent: list[tuple[int, float]],
                     stop: threading.Event, received: list[int]) -> None:
