@@ -411,3 +411,16 @@ def test_cli_live_errors_are_one_line_with_a_fix(server, tmp_path: Path, capsys)
     assert main(["live", "--server", f"http://127.0.0.1:{port}", "--avatar", "x", "--audio", str(audio)]) == 2
     assert "cannot open a live session" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.mp4")) and not list(tmp_path.glob(".*"))
+
+
+def test_client_flow_control_leaves_room_for_a_batch() -> None:
+    """The client stays a bounded amount ahead of the frames, but never so little that the server cannot cut the
+    next batch (that would deadlock: 1 fps and batch 16 need 16 s of audio before the first frame)."""
+    from musetalk.frontends.live_client import LiveClient
+
+    client = LiveClient("http://127.0.0.1:1", "a" * 32, lookahead_ms=200)
+    client.result.ready = {"fps": 1, "batch_size": 16}
+    assert 16 + 0.2 + 0.2 < client._ahead_limit_s() < 16 + 0.4 + 5
+    exact = LiveClient("http://127.0.0.1:1", "a" * 32, lookahead_ms="exact")
+    exact.result.ready = {"fps": 25, "batch_size": 8}
+    assert 30 < exact._ahead_limit_s() < 40
