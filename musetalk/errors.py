@@ -25,3 +25,7 @@ class InputError(MuseTalkError):
 
 class NoFaceError(InputError):
     """No face was found in any frame of the source."""
+
+
+class StorageError(MuseTalkError):
+    """Writing an output or a cache entry failed: disk full, file size limit, quota, permissions."""

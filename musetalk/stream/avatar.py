@@ -32,7 +32,7 @@ from typing import Iterator
 import cv2
 import numpy as np
 
-from musetalk.errors import InputError, MuseTalkError
+from musetalk.errors import InputError, MuseTalkError, StorageError
 
 FORMAT_VERSION = 1
 # matched whole with fullmatch: with match and "$", "name\n" passed ("$" also matches before a final newline)
@@ -184,7 +184,7 @@ class AvatarWriter:
         try:
             yield
         except OSError as err:
-            raise MuseTalkError(f"storing the avatar {self.final_path.name} in {self.final_path.parent} failed: "
+            raise StorageError(f"storing the avatar {self.final_path.name} in {self.final_path.parent} failed: "
                                 f"{err.strerror or err}", "free disk space (or raise the file size limit, "
                                 "`ulimit -f`) and run again; nothing half-written was kept") from None
 

@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from musetalk.errors import InputError, MuseTalkError
+from musetalk.errors import InputError, MuseTalkError, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -219,21 +219,19 @@ class DeclaredSize:
     """What a source's headers declare, read without decoding any frame (see :func:`declared_size`).
 
     num_frames: the container's frame count, else duration x fps; None when it declares neither.
-    width, height: of one frame, as coded. duration_s: None for images and when the container declares none.
+    width, height: of one frame, as coded (0 when only the pixel count is known). pixels: of one frame.
+    duration_s: None for images and when the container declares none.
     """
 
     num_frames: int | None
     width: int
     height: int
     duration_s: float | None
-
-    @property
-    def pixels(self) -> int:
-        return self.width * self.height
+    pixels: int
 
 
-def _image_header_size(path: Path) -> tuple[int, int]:
-    """(width, height) from an image's header; Pillow's open reads only the header, never the pixels."""
+def _image_header_size(path: Path) -> tuple[int, int, int]:
+    """(width, height, pixels) from an image's header; Pillow's open reads only the header, never the pixels."""
     import warnings
 
     from PIL import Image, UnidentifiedImageError
@@ -242,10 +240,12 @@ def _image_header_size(path: Path) -> tuple[int, int]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as image:
-                return image.size
-    except Image.DecompressionBombError:
-        # Pillow refuses to even describe images over 2 x MAX_IMAGE_PIXELS; that is far above any of our limits
-        return Image.MAX_IMAGE_PIXELS * 2 + 1, 1
+                return image.size[0], image.size[1], image.size[0] * image.size[1]
+    except Image.DecompressionBombError as err:
+        # Pillow will not even describe an image over 2 x its MAX_IMAGE_PIXELS (far above any limit of ours); its
+        # message holds the pixel count ("Image size (256000000 pixels) exceeds limit of ...")
+        found = re.search(r"\((\d+) pixels\)", str(err))
+        return 0, 0, int(found.group(1)) if found else 2 * int(Image.MAX_IMAGE_PIXELS or 0) + 1
     except (UnidentifiedImageError, OSError, ValueError) as err:
         raise InputError(f"cannot read the image {path}: {err}",
                          "use a PNG, JPEG, BMP, WebP or TIFF file that opens in an image viewer") from None
@@ -265,10 +265,11 @@ def declared_size(source: PathLike) -> DeclaredSize:
         if not files:
             raise InputError(f"the folder {path} holds no images",
                              f"put frames with one of the suffixes {', '.join(sorted(IMAGE_EXTENSIONS))} in it")
-        width, height = _image_header_size(min(files, key=lambda p: _natural_key(p.name)))
-        return DeclaredSize(len(files), width, height, None)
+        width, height, pixels = _image_header_size(min(files, key=lambda p: _natural_key(p.name)))
+        return DeclaredSize(len(files), width, height, None, pixels)
     if path.suffix.lower() in IMAGE_EXTENSIONS:
-        return DeclaredSize(1, *_image_header_size(path), None)
+        width, height, pixels = _image_header_size(path)
+        return DeclaredSize(1, width, height, None, pixels)
     av = _av()
     try:
         with av.open(str(path)) as container:
@@ -278,7 +279,8 @@ def declared_size(source: PathLike) -> DeclaredSize:
             duration = _stream_duration(stream, container)
             fps = _stream_fps(stream)
             frames = stream.frames or (round(duration * fps) if duration and fps else None)
-            return DeclaredSize(frames, int(stream.codec_context.width), int(stream.codec_context.height), duration)
+            width, height = int(stream.codec_context.width), int(stream.codec_context.height)
+            return DeclaredSize(frames, width, height, duration, width * height)
     except (av.FFmpegError, OSError, UnicodeDecodeError) as err:
         raise InputError(f"cannot read {path} as a video: {err}", "use a video that plays, or an image") from None
 
@@ -468,7 +470,7 @@ class VideoWriter:
                 self._send_audio(self._samples_until(self.frames_written))
         except (av.FFmpegError, OSError) as err:
             self.abort()
-            raise MuseTalkError(f"writing {self.path} failed at frame {self.frames_written}: {err}",
+            raise StorageError(f"writing {self.path} failed at frame {self.frames_written}: {err}",
                                 "check free disk space and write permission on the output folder") from None
 
     def _mux(self, packets: Any) -> None:
@@ -520,7 +522,7 @@ class VideoWriter:
         except BaseException as err:
             self.abort()
             if isinstance(err, (av.FFmpegError, OSError)):
-                raise MuseTalkError(f"finishing {self.path} failed: {err}",
+                raise StorageError(f"finishing {self.path} failed: {err}",
                                     "check free disk space and write permission on the output folder") from None
             raise
         self._closed = True

@@ -126,7 +126,7 @@ def _add_job_routes(app: FastAPI, service: GenerationService) -> None:
     @app.post("/generate", summary="Lip-sync a source (image or video) to an audio file",
               responses={200: {"description": "the lip-synced video (H.264 + AAC)", **MP4},
                          202: {"model": JobStatus, "description": "queued (async=true)"},
-                         **_errors(413, 415, 422, 429, 503)})
+                         **_errors(413, 415, 422, 429, 503, 507)})
     async def generate(
         request: Request,
         source: UploadFile = File(..., description="face image (png/jpg/bmp/webp/tiff) or video (mp4/mov/mkv/avi)"),

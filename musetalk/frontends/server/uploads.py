@@ -75,9 +75,13 @@ def store_upload(stream: IO[bytes], folder: Path, role: Literal["source", "audio
             else "not a supported media file"
         raise ApiError(415, "unsupported_media_type", f"the {role} upload is {what}", UNSUPPORTED[role])
     path = folder / f"{role}{found.suffix}"
-    with open(path, "wb") as out:
-        out.write(head)
-        shutil.copyfileobj(stream, out, COPY_CHUNK)
+    try:
+        with open(path, "wb") as out:
+            out.write(head)
+            shutil.copyfileobj(stream, out, COPY_CHUNK)
+    except OSError as err:  # disk full, file size limit: the caller removes the job folder
+        raise ApiError(507, "insufficient_storage", f"the server could not store the {role} upload "
+                       f"({err.strerror or err})", "retry later, or send a smaller file") from None
     return path, found
 
 
@@ -92,8 +96,9 @@ def check_media_limits(source: Path, audio: Path, settings: ServerSettings) -> N
 
     size = declared_size(source)
     if size.pixels > settings.max_source_pixels:
-        raise ApiError(413, "frame_too_large", f"the source frames are {size.width}x{size.height} = {size.pixels} "
-                       f"pixels; this server's limit (max_source_pixels) is {settings.max_source_pixels}",
+        dims = f" ({size.width}x{size.height})" if size.width and size.height else ""
+        raise ApiError(413, "frame_too_large", f"a source frame has {size.pixels} pixels{dims}; this server's limit "
+                       f"(max_source_pixels) is {settings.max_source_pixels}",
                        "downscale the source, e.g. ffmpeg -i in.mp4 -vf scale=-2:720 out.mp4")
     if size.num_frames is not None and size.num_frames > settings.max_source_frames:
         raise ApiError(413, "too_many_frames", f"the source has {size.num_frames} frames; this server's limit "
