@@ -46,8 +46,13 @@ def signal_name(signum: int) -> str:
 
 
 def interrupt_signal(exc: BaseException) -> int:
-    """The signal behind a KeyboardInterrupt: its ``signum`` for :class:`Terminated`, else SIGINT (Ctrl-C)."""
-    return int(getattr(exc, "signum", signal.SIGINT))
+    """The signal behind a KeyboardInterrupt: its ``signum`` for :class:`Terminated`; else the stop signal the last
+    block received (a library may re-raise our exception as a plain KeyboardInterrupt: Ray does when a signal
+    lands in ``ray.wait``); else SIGINT (Ctrl-C)."""
+    signum = getattr(exc, "signum", None)
+    if signum is None:
+        signum = _received if _received is not None else signal.SIGINT
+    return int(signum)
 
 
 def exit_status(exc: BaseException) -> int:
@@ -62,13 +67,16 @@ class _Handler:
         self.fired = False
 
     def __call__(self, signum: int, frame: FrameType | None) -> None:
+        global _received
         if self.fired:
             return
         self.fired = True
+        _received = signum
         raise Terminated(signum)
 
 
 _active: _Handler | None = None  # the handler of the innermost active context (main thread only)
+_received: int | None = None  # the stop signal the latest block received (None: none)
 
 
 @contextmanager
@@ -77,11 +85,12 @@ def stop_signals_as_interrupt() -> Iterator[None]:
 
     Outside the main thread (where Python cannot install handlers) it does nothing.
     """
-    global _active
+    global _active, _received
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     handler = _Handler()
+    _received = None
     previous: dict[int, Any] = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
     if FILE_SIZE_SIGNAL is not None:  # a write past `ulimit -f` then fails with EFBIG, which the writers report
         previous[FILE_SIZE_SIGNAL] = signal.signal(FILE_SIZE_SIGNAL, signal.SIG_IGN)
