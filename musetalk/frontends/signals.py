@@ -83,6 +83,8 @@ _received: int | None = None  # the stop signal the latest block received (None:
 def stop_signals_as_interrupt() -> Iterator[None]:
     """Within the block, SIGTERM and SIGHUP raise :class:`Terminated` in the main thread; handlers restored after.
 
+    Catch the interrupt inside the block to read its signal (:func:`interrupt_signal`, :func:`exit_status`).
+
     Outside the main thread (where Python cannot install handlers) it does nothing.
     """
     global _active, _received
@@ -97,8 +99,8 @@ def stop_signals_as_interrupt() -> Iterator[None]:
     outer, _active = _active, handler
     try:
         yield
-    finally:
-        _active = outer
+    finally:  # the caller reads the signal (interrupt_signal) inside the block, in its except clause
+        _active, _received = outer, None
         for sig, old in previous.items():
             signal.signal(sig, old)
 

@@ -175,18 +175,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     from musetalk.frontends.signals import exit_status, interrupt_signal, signal_name, stop_signals_as_interrupt
 
-    try:
-        with stop_signals_as_interrupt():
+    with stop_signals_as_interrupt():  # the except clauses run inside: they read the signal
+        try:
             return run_serve(args)
-    except MuseTalkError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
-        if exc.fix:
-            print(f"  fix: {exc.fix}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as exc:  # the signal uvicorn re-raised after its graceful stop
-        print(f"interrupted ({signal_name(interrupt_signal(exc))}): server stopped, temporary files removed",
-              file=sys.stderr)
-        return exit_status(exc)
+        except MuseTalkError as exc:
+            print(f"error: {exc.message}", file=sys.stderr)
+            if exc.fix:
+                print(f"  fix: {exc.fix}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt as exc:  # the signal uvicorn re-raised after its graceful stop
+            print(f"interrupted ({signal_name(interrupt_signal(exc))}): server stopped, temporary files removed",
+                  file=sys.stderr)
+            return exit_status(exc)
 
 
 if __name__ == "__main__":
