@@ -253,7 +253,7 @@ def test_batch_rows_that_would_overwrite_an_input_or_each_other(media: Path, tmp
     assert jobs.read_text() == jobs_text and fingerprint(out) == before
 
 
-def test_evaluate_json_onto_its_video_is_refused(media: Path, tmp_path: Path) -> None:
+def test_evaluate_json_onto_its_video_is_refused(media: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     import shutil
 
     from musetalk.frontends.cli import main
@@ -261,11 +261,12 @@ def test_evaluate_json_onto_its_video_is_refused(media: Path, tmp_path: Path) ->
     clip = tmp_path / "clip.mp4"
     shutil.copy(SAMPLES / "face.mp4", clip)
     kept = clip.read_bytes()
-    for target in (clip, tmp_path / ".." / tmp_path.name / "clip.mp4"):
-        # before the SyncNet weights are even looked for (none exist here)
-        assert main(["evaluate", str(clip), "--json", str(target), "--syncnet", str(tmp_path / "none")]) == 2
-    assert main(["evaluate", str(clip), "--audio", str(media / "short.wav"), "--json", str(media / "short.wav"),
-                 "--syncnet", str(tmp_path / "none")]) == 2
+    cases = [([str(clip)], clip, "video"), ([str(clip)], tmp_path / ".." / tmp_path.name / "clip.mp4", "video"),
+             ([str(clip), "--audio", str(media / "short.wav")], media / "short.wav", "audio")]
+    for args, target, role in cases:
+        # refused before the SyncNet weights are even looked for (none exist here)
+        assert main(["evaluate", *args, "--json", str(target), "--syncnet", str(tmp_path / "none")]) == 2
+        assert f"is the same file as the {role}" in capsys.readouterr().err
     assert clip.read_bytes() == kept
 
 
