@@ -368,13 +368,20 @@ def test_bad_requests_get_clear_4xx(client: httpx.Client, server, name: str, upl
     assert client.get("/health").json()["worker_alive"]
 
 
-def test_unknown_jobs(client: httpx.Client) -> None:
-    unknown = "0" * 32
-    for method, path in (("GET", f"/jobs/{unknown}"), ("GET", f"/jobs/{unknown}/result"),
-                         ("DELETE", f"/jobs/{unknown}")):
+# ids that are not ours: unknown but well-formed, and malformed ones (were 422 before: a pattern on the path)
+NOT_OUR_IDS = ["0" * 32, "..%2F..%2Fetc", "abc", "0" * 31 + "G", "A" * 32, "0" * 32 + "%0A", "%00", "%C3%A9t%C3%A9",
+               "x" * 5000, "-1", "%20"]
+
+
+@pytest.mark.parametrize("job_id", NOT_OUR_IDS, ids=range(len(NOT_OUR_IDS)))
+def test_jobs_that_are_not_ours_are_404(client: httpx.Client, job_id: str) -> None:
+    for method, path in (("GET", f"/jobs/{job_id}"), ("GET", f"/jobs/{job_id}/result"),
+                         ("DELETE", f"/jobs/{job_id}")):
         response = client.request(method, path)
-        assert response.status_code == 404 and response.json()["error"] == "unknown_job"
-    assert client.get("/jobs/..%2F..%2Fetc").status_code in (404, 422)
+        body = response.json()
+        assert response.status_code == 404, (method, path, body)
+        assert set(body) >= {"error", "message", "fix"} and body["error"] in ("unknown_job", "not_found"), body
+        assert len(response.text) < 1000, "a malformed id is not echoed back"
 
 
 def test_server_healthy_after_bad_inputs(client: httpx.Client, server) -> None:

@@ -269,17 +269,21 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     from musetalk.errors import MuseTalkError
+    from musetalk.frontends.signals import exit_status, interrupt_signal, signal_name, stop_signals_as_interrupt
 
-    try:
-        return int(args.func(args) or 0)
-    except MuseTalkError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
-        if exc.fix:
-            print(f"  fix: {exc.fix}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: no output was written", file=sys.stderr)
-        return 130
+    # SIGTERM / SIGHUP clean up like Ctrl-C (musetalk.frontends.signals); the except clauses run inside the block
+    with stop_signals_as_interrupt():
+        try:
+            return int(args.func(args) or 0)
+        except MuseTalkError as exc:
+            print(f"error: {exc.message}", file=sys.stderr)
+            if exc.fix:
+                print(f"  fix: {exc.fix}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM / SIGHUP as Terminated: exit 128 + signal
+            print(f"interrupted ({signal_name(interrupt_signal(exc))}): stopped cleanly, no partial file left",
+                  file=sys.stderr)
+            return exit_status(exc)
 
 
 if __name__ == "__main__":

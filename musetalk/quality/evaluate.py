@@ -459,6 +459,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
     config = EvaluateConfig(jpeg_step=not args.no_jpeg_step, batch_size=args.batch_size,
                             landmark_backend=args.landmarks, track=TrackConfig(min_track=args.min_track))
     videos = _videos(args.video)
+    if args.json:  # before any work: the JSON is written at the end, over whatever file that path names
+        from musetalk.stream.paths import check_output_not_input
+
+        check_output_not_input(args.json, {"video": args.video, "audio": args.audio,
+                                           **{f"video {v.name}": v for v in videos}}, what="--json")
     path = _check_weights(default_weights(SYNCNET_FILE, args.syncnet, "MUSETALK_SYNCNET"), "SyncNet", "--syncnet")
     scorer = SyncNetScorer.from_pretrained(path, device=args.device, batch_size=config.batch_size)
     rows: list[tuple[str, LSEResult | str]] = []
@@ -488,5 +493,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         print(format_table(rows))
     if args.json:
         data = [r.to_dict() if isinstance(r, LSEResult) else {"video": n, "error": r} for n, r in rows]
-        args.json.write_text(json.dumps(data[0] if len(videos) == 1 else data, indent=2))
+        from musetalk.stream.paths import write_text_atomic
+
+        write_text_atomic(args.json, json.dumps(data[0] if len(videos) == 1 else data, indent=2))
     return 0 if all(isinstance(r, LSEResult) for _, r in rows) else 1

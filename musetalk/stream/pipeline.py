@@ -29,6 +29,7 @@ import torch
 from musetalk.stages import audio as audio_stage
 from musetalk.stream.avatar import Avatar, AvatarMeta, AvatarWriter, avatar_key, cache_root, check_avatar_name, \
     hash_source, load_avatar
+from musetalk.stream.paths import check_output_not_input
 from musetalk.config import GenerationConfig, preset
 from musetalk.devices import resolve_device, resolve_dtype
 from musetalk.errors import InputError, NoFaceError, WeightsError
@@ -335,6 +336,7 @@ class MuseTalkPipeline:
             raise InputError(f"output folder {parent} does not exist", f"create it: mkdir -p {parent}")
         if not os.access(parent, os.W_OK):
             raise InputError(f"cannot write to {parent}", "choose a writable output folder")
+        check_output_not_input(output, {"source": source, "audio": audio})  # else the rename would replace it
 
     def generate(self, source: str | os.PathLike, audio: str | os.PathLike, output: str | os.PathLike,
                  config: GenerationConfig | None = None, avatar: str | None = None, progress: bool = True,

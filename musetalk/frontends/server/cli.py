@@ -12,9 +12,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import socket
 import sys
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
@@ -40,6 +44,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--queue-size", type=int, default=4, help="jobs that may wait behind the running one (then 429)")
     p.add_argument("--max-upload-mb", type=float, default=256, help="largest request body in MiB (then 413)")
     p.add_argument("--max-audio-seconds", type=float, default=900, help="longest audio accepted")
+    p.add_argument("--max-source-frames", type=int, default=9000, help="most frames in a source video (then 413)")
+    p.add_argument("--max-source-pixels", type=int, default=3840 * 2160,
+                   help="most pixels (width x height) of a source frame (then 413)")
+    p.add_argument("--max-source-seconds", type=float, default=900, help="longest source video (then 413)")
     p.add_argument("--result-ttl", type=float, default=3600, help="seconds a finished job's result is kept")
     p.add_argument("--work-dir", type=Path, default=None, help="where the temporary folder goes (default: system temp)")
     p.add_argument("--shutdown-grace", type=float, default=60, help="seconds a running job may finish on shutdown")
@@ -50,12 +58,15 @@ def _settings(args: argparse.Namespace):
     from musetalk.errors import InputError
     from musetalk.frontends.server import MiB, ServerSettings
 
-    for name in ("queue_size", "max_upload_mb", "max_audio_seconds", "result_ttl", "shutdown_grace"):
-        if getattr(args, name) < (1 if name == "queue_size" else 0):
+    for name in ("queue_size", "max_upload_mb", "max_audio_seconds", "result_ttl", "shutdown_grace",
+                 "max_source_frames", "max_source_pixels", "max_source_seconds"):
+        if getattr(args, name) < (1 if name in ("queue_size", "max_source_frames", "max_source_pixels") else 0):
             raise InputError(f"--{name.replace('_', '-')} must be positive", "see `musetalk serve --help`")
     return ServerSettings(token=args.token or None, default_version=args.version, queue_size=args.queue_size,
                           max_upload_bytes=int(args.max_upload_mb * MiB), max_audio_seconds=args.max_audio_seconds,
-                          result_ttl_s=args.result_ttl, work_dir=args.work_dir, shutdown_grace_s=args.shutdown_grace)
+                          result_ttl_s=args.result_ttl, work_dir=args.work_dir, shutdown_grace_s=args.shutdown_grace,
+                          max_source_frames=args.max_source_frames, max_source_pixels=args.max_source_pixels,
+                          max_source_seconds=args.max_source_seconds)
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -76,7 +87,12 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    """Load the models, bind the socket, then serve until POST /shutdown or Ctrl-C. Returns the exit code."""
+    """Load the models, bind the socket, then serve until POST /shutdown or a stop signal. Returns the exit code.
+
+    SIGINT, SIGTERM and SIGHUP all stop the server gracefully: new jobs are refused and queued ones cancelled at
+    once, the running one is cancelled after ``--shutdown-grace`` s, the temporary folder is removed, the port
+    released; then the signal is raised again so the process exits with 128 + signal (via the CLI's handlers).
+    """
     from musetalk.errors import MuseTalkError
 
     try:
@@ -96,15 +112,56 @@ def run_serve(args: argparse.Namespace) -> int:
                     "refused to non-loopback clients", host)
     app = create_app(loader, settings)
     config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 5)
-    server = uvicorn.Server(config)
+    server = _graceful_server(uvicorn, config, app.state.service)
     app.state.request_shutdown = lambda: setattr(server, "should_exit", True)
     url_host = f"[{host}]" if ":" in host else host
     print(f"musetalk serve: http://{url_host}:{port} (docs at /docs)", flush=True)
+    hangups: list[int] = []
+    hup = getattr(signal, "SIGHUP", None)
+
+    def on_hangup(signum: int, frame: Any) -> None:
+        hangups.append(signum)
+        server.handle_exit(signum, frame)
+
+    previous_hup = signal.signal(hup, on_hangup) if hup is not None and _main_thread() else None
     try:
-        server.run(sockets=[sock])
+        server.run(sockets=[sock])  # uvicorn turns SIGINT / SIGTERM into its graceful stop, then re-raises them
     finally:
         sock.close()
+        if previous_hup is not None:
+            signal.signal(hup, previous_hup)
+    if hangups:  # re-raised like uvicorn does for SIGINT / SIGTERM: the CLI then exits with 128 + SIGHUP
+        signal.raise_signal(hangups[0])
     return 0 if server.started else 1
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+def _graceful_server(uvicorn: Any, config: Any, service: Any) -> Any:
+    """A uvicorn.Server whose first stop signal also refuses new jobs and cancels the queued ones at once, and
+    cancels the running job after the shutdown grace (uvicorn itself first waits for open connections)."""
+
+    class GracefulServer(uvicorn.Server):
+        stopping = False
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            super().handle_exit(sig, frame)
+            if not self.stopping:  # a thread: the signal handler must not take the service's lock itself
+                self.stopping = True
+                threading.Thread(target=stop_service, args=(service,), name="musetalk-stop", daemon=True).start()
+
+    return GracefulServer(config)
+
+
+def stop_service(service: Any) -> None:
+    """Refuse new jobs and cancel the queued ones now; give the running one ``shutdown_grace_s``, then cancel it."""
+    service.begin_shutdown()
+    deadline = time.monotonic() + service.settings.shutdown_grace_s
+    while service.snapshot()["running"] is not None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    service.begin_shutdown(cancel_running=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,13 +173,20 @@ def main(argv: list[str] | None = None) -> int:
     add_serve_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return run_serve(args)
-    except MuseTalkError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
-        if exc.fix:
-            print(f"  fix: {exc.fix}", file=sys.stderr)
-        return 2
+    from musetalk.frontends.signals import exit_status, interrupt_signal, signal_name, stop_signals_as_interrupt
+
+    with stop_signals_as_interrupt():  # the except clauses run inside: they read the signal
+        try:
+            return run_serve(args)
+        except MuseTalkError as exc:
+            print(f"error: {exc.message}", file=sys.stderr)
+            if exc.fix:
+                print(f"  fix: {exc.fix}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt as exc:  # the signal uvicorn re-raised after its graceful stop
+            print(f"interrupted ({signal_name(interrupt_signal(exc))}): server stopped, temporary files removed",
+                  file=sys.stderr)
+            return exit_status(exc)
 
 
 if __name__ == "__main__":

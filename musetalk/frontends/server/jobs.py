@@ -19,7 +19,7 @@ from musetalk.errors import Cancelled, InputError, MuseTalkError, WeightsError
 from musetalk.hooks import Hooks
 from musetalk.frontends.server.errors import ApiError, JobCancelled, http_error, redact
 from musetalk.frontends.server.settings import RESULT_NAME, JobState, Loader, ServerSettings
-from musetalk.frontends.server.uploads import store_upload
+from musetalk.frontends.server.uploads import check_media_limits, store_upload
 
 if TYPE_CHECKING:
     from musetalk.stream.pipeline import MuseTalkPipeline
@@ -220,6 +220,7 @@ class GenerationService:
             source_path, _ = store_upload(source, folder, "source")
             audio_path, _ = store_upload(audio, folder, "audio")
             try:
+                check_media_limits(source_path, audio_path, self.settings)  # headers only, before any decoding
                 self._check_media(source_path, audio_path, config)
             except MuseTalkError as exc:
                 raise redact(exc, folder) from None

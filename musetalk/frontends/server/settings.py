@@ -32,6 +32,11 @@ class ServerSettings:
     max_upload_bytes: int = 256 * MiB  # whole request body (source + audio + fields); more gets 413
     max_audio_seconds: float = 900.0  # longer audio gets 422 (a 15-min clip is ~22 500 frames at 25 fps)
     max_batch_size: int = 64  # larger batch_size values get 422 (they would only exhaust device memory)
+    # Source limits, checked from the upload's headers before anything decodes it (a 2 MB upload can hold 10 000
+    # tiny frames, or a 16000x16000 PNG that decodes to 768 MB); over a limit the answer is 413 naming it.
+    max_source_frames: int = 9000  # frames of the source video (6 min at 25 fps); each one is prepared
+    max_source_pixels: int = 3840 * 2160  # width x height of one source frame (4K UHD)
+    max_source_seconds: float = 900.0  # declared duration of the source video
     result_ttl_s: float = 3600.0  # finished jobs (and their mp4) are deleted this long after they end
     work_dir: Path | None = None  # parent of the server's temporary folder; None: the system temp folder
     shutdown_grace_s: float = 60.0  # on shutdown a running job may finish for this long, then it is cancelled
