@@ -196,17 +196,22 @@ def test_form_fields_are_config_fields() -> None:
 
         def stream(self) -> None: ...
 
+    from musetalk.frontends.options import settings_for
+
     app = create_app(_Pipe())
     endpoint = next(r.endpoint for r in app.routes if getattr(r, "path", "") == "/generate")
-    hints = typing.get_type_hints(endpoint)
     config_types = {}
     for cls in (GenerationConfig, CropConfig, BlendConfig, RuntimeConfig):
         config_types.update({k: v for k, v in typing.get_type_hints(cls).items()})
-    transport = {"request", "source", "audio", "avatar", "run_async", "return", "version"}
-    settings = [name for name in inspect.signature(endpoint).parameters if name not in transport]
-    assert set(settings) == {"bbox_shift", "extra_margin", "parsing_mode", "fps", "batch_size"}
+    transport = {"request", "source", "audio", "avatar", "run_async", "return"}
+    params = inspect.signature(endpoint).parameters
+    settings = [name for name in params if name not in transport]
+    # every per-run and per-batch setting of the config dataclasses, and nothing else (device/dtype are the server's)
+    assert set(settings) == {s.name for s in settings_for("run", "batch")}
+    assert {"bbox_shift", "extra_margin", "parsing_mode", "fps", "batch_size", "version"} <= set(settings)
+    assert "device" not in settings and "dtype" not in settings
     for name in settings:
-        assert hints[name] == typing.Optional[config_types[name]], name
+        assert params[name].annotation == typing.Optional[config_types[name]], name
 
 
 def test_shutdown_authorization_rules() -> None:
