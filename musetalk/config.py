@@ -74,9 +74,9 @@ class BlendConfig:
 class RuntimeConfig:
     """Where and how the models run."""
 
-    device: str = option("auto", "auto (cuda > mps > cpu) | cpu | cuda | mps", choices=("auto", "cpu", "cuda", "mps"),
+    device: str = option("auto", "where the models run (auto: cuda > mps > cpu)", choices=("auto", "cpu", "cuda", "mps"),
                          scope="process")
-    dtype: str = option("auto", "model dtype (auto: bf16 on CPUs with native bf16, fp16 on GPUs)",
+    dtype: str = option("auto", "model dtype (auto: fp16 on GPUs, bf16 on CPUs with native bf16, else fp32)",
                         choices=("auto", "fp32", "fp16", "bf16"), scope="process")
     batch_size: int = option(8, "frames per UNet + VAE call", scope="batch")
 

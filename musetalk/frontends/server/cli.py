@@ -10,11 +10,13 @@ only when the command runs, so ``musetalk --help`` works without them. Also runn
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import signal
 import socket
 import sys
+import typing
 import threading
 import time
 from pathlib import Path
@@ -22,7 +24,6 @@ from typing import Any
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
-TOKEN_ENV = "MUSETALK_SERVER_TOKEN"  # a token in the environment stays out of `ps` listings
 
 log = logging.getLogger(__name__)
 
@@ -36,37 +37,52 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                    "only; 0.0.0.0 opens the API to the network)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"TCP port (default {DEFAULT_PORT}; 0: any free one)")
     p.add_argument("--models", type=Path, default=None, help="models folder (default: $MUSETALK_MODELS or ./models)")
-    p.add_argument("--token", default=os.environ.get(TOKEN_ENV), help="bearer token required by POST /shutdown "
-                   f"(default ${TOKEN_ENV}); without one, only loopback clients may shut the server down")
-    p.add_argument("--version", default="v15", choices=["v15", "v1"], help="model version loaded at start and used "
-                   "when a request names none (the other one loads on its first request, if its weights exist)")
     add_setting_flags(p, scopes=("process",))  # --device, --dtype, ...: as for generate
-    p.add_argument("--queue-size", type=int, default=4, help="jobs that may wait behind the running one (then 429)")
-    p.add_argument("--max-upload-mb", type=float, default=256, help="largest request body in MiB (then 413)")
-    p.add_argument("--max-audio-seconds", type=float, default=900, help="longest audio accepted")
-    p.add_argument("--max-source-frames", type=int, default=9000, help="most frames in a source video (then 413)")
-    p.add_argument("--max-source-pixels", type=int, default=3840 * 2160,
-                   help="most pixels (width x height) of a source frame (then 413)")
-    p.add_argument("--max-source-seconds", type=float, default=900, help="longest source video (then 413)")
-    p.add_argument("--result-ttl", type=float, default=3600, help="seconds a finished job's result is kept")
-    p.add_argument("--work-dir", type=Path, default=None, help="where the temporary folder goes (default: system temp)")
-    p.add_argument("--shutdown-grace", type=float, default=60, help="seconds a running job may finish on shutdown")
+    for f, flag, unit in _server_fields():  # --queue-size, --max-upload-mb, ...: from ServerSettings
+        meta = f.metadata
+        default = os.environ.get(meta["env"]) if meta["env"] else f.default
+        if unit != 1 and default is not None:
+            default = default / unit
+        kind = _field_type(f)
+        shown = f"${meta['env']}" if meta["env"] else f"{default:g}" if isinstance(default, float) else default
+        p.add_argument(flag, dest=f.name, type=float if unit != 1 else kind, default=default, choices=meta["choices"],
+                       metavar=None if meta["choices"] else flag[2:].upper().replace("-", "_"),
+                       help=meta["help"] + (f" (default: {shown})" if shown is not None else ""))
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
-def _settings(args: argparse.Namespace):
-    from musetalk.errors import InputError
-    from musetalk.frontends.server import MiB, ServerSettings
+def _field_type(f: dataclasses.Field) -> type:
+    """int, float, str or Path: the field's type without ``| None``."""
+    from musetalk.frontends.server import ServerSettings
 
-    for name in ("queue_size", "max_upload_mb", "max_audio_seconds", "result_ttl", "shutdown_grace",
-                 "max_source_frames", "max_source_pixels", "max_source_seconds"):
-        if getattr(args, name) < (1 if name in ("queue_size", "max_source_frames", "max_source_pixels") else 0):
-            raise InputError(f"--{name.replace('_', '-')} must be positive", "see `musetalk serve --help`")
-    return ServerSettings(token=args.token or None, default_version=args.version, queue_size=args.queue_size,
-                          max_upload_bytes=int(args.max_upload_mb * MiB), max_audio_seconds=args.max_audio_seconds,
-                          result_ttl_s=args.result_ttl, work_dir=args.work_dir, shutdown_grace_s=args.shutdown_grace,
-                          max_source_frames=args.max_source_frames, max_source_pixels=args.max_source_pixels,
-                          max_source_seconds=args.max_source_seconds)
+    hint = typing.get_type_hints(ServerSettings)[f.name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def _server_fields() -> list[tuple[dataclasses.Field, str, int]]:
+    """(field, flag, unit) of every ServerSettings field."""
+    from musetalk.frontends.server import ServerSettings
+
+    return [(f, f.metadata.get("flag") or "--" + f.name.replace("_", "-"), f.metadata.get("unit", 1))
+            for f in dataclasses.fields(ServerSettings)]
+
+
+def _settings(args: argparse.Namespace):
+    """ServerSettings from the parsed flags (each checked against its minimum, converted from its unit)."""
+    from musetalk.errors import InputError
+    from musetalk.frontends.server import ServerSettings
+
+    values = {}
+    for f, flag, unit in _server_fields():
+        value = getattr(args, f.name)
+        minimum = f.metadata.get("minimum")
+        if minimum is not None and value is not None and value < minimum:
+            raise InputError(f"{flag} must be at least {minimum:g}", "see `musetalk serve --help`")
+        if unit != 1 and value is not None:
+            value = _field_type(f)(value * unit)
+        values[f.name] = value or None if f.name == "token" else value
+    return ServerSettings(**values)
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -104,7 +120,7 @@ def run_serve(args: argparse.Namespace) -> int:
                             "pip install 'musetalk[server]'") from None
     settings = _settings(args)
     loader = PipelineLoader(args.models, device=args.device or "auto", dtype=args.dtype or "auto")
-    loader(args.version)  # load now: missing weights stop here with their fix, before the port opens
+    loader(args.default_version)  # load now: missing weights stop here with their fix, before the port opens
     sock = bind_socket(args.host, args.port)
     host, port = sock.getsockname()[:2]
     if not is_loopback(host) and settings.token is None:
