@@ -244,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     try:
-        from musetalk.quality.evaluate import add_evaluate_arguments, run_evaluate
+        from musetalk.frontends.evaluate import add_evaluate_arguments, run_evaluate
     except ImportError:
         pass
     else:
