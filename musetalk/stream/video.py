@@ -196,7 +196,7 @@ def probe(path: PathLike) -> VideoInfo:
     av = _av()
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"{path} does not exist", "check the path of the video")
+        raise InputError(f"video not found: {path}", "check the path of the video")
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
