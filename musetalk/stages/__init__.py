@@ -1,0 +1,1 @@
+"""The per-stage modules (models and pure functions)."""
