@@ -45,9 +45,9 @@ def make_inputs(folder: Path) -> Path:
     import av
     import numpy as np
 
-    from musetalk.audio import load_audio
+    from musetalk.stages.audio import load_audio
     from musetalk.testing.tiny import write_tiny_models
-    from musetalk.video import VideoWriter, open_frames
+    from musetalk.stream.video import VideoWriter, open_frames
 
     write_tiny_models(folder / "models", full_size=FULL)
     with VideoWriter(folder / "clip.mp4", fps=25) as writer:
@@ -74,7 +74,7 @@ def make_inputs(folder: Path) -> Path:
 def child(mode: str, jobs: Path, out: Path) -> dict:
     """One measured run in this (fresh) process; prints nothing but the JSON result."""
     t0 = time.perf_counter()
-    from musetalk import batch
+    from musetalk.frontends import batch
     from musetalk.config import preset
 
     ray_start = 0.0

@@ -58,7 +58,7 @@ def write_section(name: str, markdown: str) -> None:
 # -- a. memory -----------------------------------------------------------------------------------------------
 _CHILD = """
 import resource, sys
-from musetalk.pipeline import MuseTalkPipeline
+from musetalk.stream.pipeline import MuseTalkPipeline
 pipe = MuseTalkPipeline.from_pretrained(sys.argv[1], device="cpu", dtype="fp32")
 result = pipe.generate(sys.argv[2], sys.argv[3], sys.argv[4], pipe.default_config(), progress=False)
 print("RESULT", result.num_frames, result.seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
@@ -69,8 +69,8 @@ def make_inputs(folder: Path, seconds: list[int]) -> tuple[Path, dict[int, Path]
     """A 720p 2 s source (the sample clip scaled) and speech of each length (the sample speech repeated)."""
     import cv2
 
-    from musetalk.audio import load_audio
-    from musetalk.video import VideoWriter, open_frames
+    from musetalk.stages.audio import load_audio
+    from musetalk.stream.video import VideoWriter, open_frames
 
     source = folder / "source720p.mp4"
     with VideoWriter(source, fps=25) as writer:
@@ -131,13 +131,13 @@ def full_size_pipeline(dtype: str):
     from transformers import WhisperConfig, WhisperFeatureExtractor
     from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-    from musetalk.audio import AudioEncoder
+    from musetalk.stages.audio import AudioEncoder
     from musetalk.devices import resolve_dtype
-    from musetalk.parsing import BiSeNet, FaceParser
-    from musetalk.pipeline import MuseTalkPipeline
+    from musetalk.stages.parsing import BiSeNet, FaceParser
+    from musetalk.stream.pipeline import MuseTalkPipeline
     from musetalk.testing.tiny import FULL_UNET, FULL_VAE, WHISPER_PREPROCESSOR, build_unet, build_vae
-    from musetalk.unet import UNet
-    from musetalk.vae import VAE
+    from musetalk.stages.unet import UNet
+    from musetalk.stages.vae import VAE
 
     dev, dt = torch.device("cpu"), resolve_dtype(dtype)
     torch.manual_seed(0)
@@ -155,9 +155,9 @@ def full_size_pipeline(dtype: str):
 def bench_throughput(frames: int, dtypes: list[str], batch_size: int) -> dict:
     import torch
 
-    from musetalk.audio import load_audio
+    from musetalk.stages.audio import load_audio
     from musetalk.profiling import Profiler
-    from musetalk.video import VideoWriter
+    from musetalk.stream.video import VideoWriter
 
     results = []
     stages_md = ""

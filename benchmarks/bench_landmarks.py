@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from musetalk.devices import resolve_device, synchronize
-from musetalk.faces.dwpose import DWPoseBackend, DWPoseNet
+from musetalk.stages.faces.dwpose import DWPoseBackend, DWPoseNet
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -88,9 +88,9 @@ def bench_dwpose(frame: np.ndarray, n_frames: int, device: torch.device) -> list
 
 
 def _package_dlib() -> Callable[[list[np.ndarray]], int] | None:
-    """The package's own dlib backend, once ``musetalk.faces.get_landmark_backend`` exists."""
+    """The package's own dlib backend, once ``musetalk.stages.faces.get_landmark_backend`` exists."""
     try:
-        from musetalk.faces import get_landmark_backend  # type: ignore[attr-defined]
+        from musetalk.stages.faces import get_landmark_backend  # type: ignore[attr-defined]
     except ImportError:
         return None
     backend = get_landmark_backend("dlib")

@@ -16,9 +16,9 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it (imported on first access, PEP 562)
 _LAZY = {
-    "MuseTalkPipeline": "musetalk.pipeline",
-    "GenerationResult": "musetalk.pipeline",
-    "Avatar": "musetalk.avatar",
+    "MuseTalkPipeline": "musetalk.stream.pipeline",
+    "GenerationResult": "musetalk.stream.pipeline",
+    "Avatar": "musetalk.stream.avatar",
     "GenerationConfig": "musetalk.config",
     "CropConfig": "musetalk.config",
     "BlendConfig": "musetalk.config",

@@ -1,5 +1,5 @@
 import sys
 
-from musetalk.cli import main
+from musetalk.frontends.cli import main
 
 sys.exit(main())

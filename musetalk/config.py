@@ -6,7 +6,8 @@ cannot drift. Architecture hyper-parameters are *not* here: they live in the che
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
+from typing import Any
 
 from musetalk.errors import InputError
 
@@ -14,42 +15,69 @@ VERSIONS = ("v15", "v1")
 PARSING_MODES = ("raw", "jaw", "neck")
 
 
+def option(default: Any, help: str, *, choices: tuple[str, ...] | None = None, user: bool = True) -> Any:
+    """A config field that is also a user-facing setting: one place says its name, type, default and help.
+
+    The CLI flags (``--bbox-shift``), the server's form fields and the batch columns (``bbox_shift``) are all
+    derived from these fields (see :func:`user_settings`); ``user=False`` keeps a field out of the front ends.
+    """
+    return field(default=default, metadata={"help": help, "choices": choices, "user": user})
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One user-facing setting, as the front ends see it (derived from a config field)."""
+
+    name: str  # field name: the server form field and batch column; the CLI flag is --name-with-dashes
+    part: str  # which part of GenerationConfig holds it ("" for a top-level field)
+    type: type
+    default: Any
+    help: str
+    choices: tuple[str, ...] | None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
 @dataclass(frozen=True)
 class CropConfig:
     """Where the face crop sits."""
 
-    bbox_shift: int = 0  # px; moves the upper edge of the crop (positive: down, more mouth opening)
-    extra_margin: int = 10  # px added below the chin (v1.5); 0 for v1
-    landmarks: str = "dlib"  # landmark backend: dlib | face_alignment | dwpose
+    bbox_shift: int = option(0, "px; moves the upper edge of the crop (positive: down, more mouth opening)")
+    extra_margin: int = option(10, "px added below the chin (v1.5); 0 for v1")
+    landmarks: str = option("dlib", "landmark backend", choices=("dlib", "face_alignment", "dwpose"))
 
 
 @dataclass(frozen=True)
 class BlendConfig:
     """How the generated face is pasted back."""
 
-    parsing_mode: str = "jaw"  # raw | jaw | neck: which face-parsing classes form the paste mask
-    left_cheek_width: int = 90  # px (in the 512 parsing space) kept from the source on the left in jaw mode
-    right_cheek_width: int = 90  # same, right side
-    expand: float = 1.5  # the parsed square is this much larger than the face box
-    upper_boundary_ratio: float = 0.5  # top fraction of the mask cleared (the upper face is kept)
-    blur_factor: float = 0.05  # mask edge blur, fraction of the crop width: 0.05 as inference.py (realtime: 0.1)
+    parsing_mode: str = option("jaw", "which face-parsing classes form the paste mask", choices=PARSING_MODES)
+    left_cheek_width: int = option(90, "px (in the 512 parsing space) kept from the source on the left in jaw mode")
+    right_cheek_width: int = option(90, "same, right side")
+    expand: float = option(1.5, "the parsed square is this much larger than the face box", user=False)
+    upper_boundary_ratio: float = option(0.5, "top fraction of the mask cleared (the upper face is kept)", user=False)
+    blur_factor: float = option(0.05, "mask edge blur, fraction of the crop width: 0.05 as inference.py (realtime: 0.1)",
+                               user=False)
 
 
 @dataclass(frozen=True)
 class RuntimeConfig:
     """Where and how the models run."""
 
-    device: str = "auto"  # auto (cuda > mps > cpu) | cpu | cuda | mps
-    dtype: str = "auto"  # auto | fp32 | fp16 | bf16
-    batch_size: int = 8  # frames per UNet + VAE call
+    device: str = option("auto", "auto (cuda > mps > cpu) | cpu | cuda | mps", choices=("auto", "cpu", "cuda", "mps"))
+    dtype: str = option("auto", "model dtype (auto: bf16 on CPUs with native bf16, fp16 on GPUs)",
+                        choices=("auto", "fp32", "fp16", "bf16"))
+    batch_size: int = option(8, "frames per UNet + VAE call")
 
 
 @dataclass(frozen=True)
 class GenerationConfig:
     """Everything one generation run needs besides the inputs and the weights."""
 
-    version: str = "v15"  # v15 | v1: picks the UNet file and the preset below
-    fps: float = 25.0  # output frame rate for image / folder sources (videos keep their own)
+    version: str = option("v15", "MuseTalk version: picks the UNet file and the preset", choices=VERSIONS)
+    fps: float = option(25.0, "output frame rate for image / folder sources (videos keep their own)")
     crop: CropConfig = field(default_factory=CropConfig)
     blend: BlendConfig = field(default_factory=BlendConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
@@ -102,3 +130,26 @@ def with_overrides(config: GenerationConfig, **overrides: object) -> GenerationC
         else:
             raise InputError(f"unknown setting {key!r}", "see `musetalk generate --help` for the settings")
     return replace(config, **parts, **top).validate()
+
+
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def user_settings() -> list[Setting]:
+    """Every user-facing setting of :class:`GenerationConfig` and its parts, in declaration order.
+
+    Names are unique across the parts (:func:`with_overrides` relies on it), so one flat list serves the CLI,
+    the server and the batch runner.
+    """
+    out: list[Setting] = []
+    for part_name, cls in (("", GenerationConfig), *_PARTS.items()):
+        for f in fields(cls):
+            if f.name in _PARTS or not f.metadata.get("user", False):
+                continue
+            default = f.default if f.default is not MISSING else None
+            typ = f.type if isinstance(f.type, type) else _TYPES[str(f.type)]
+            out.append(Setting(f.name, part_name, typ, default, f.metadata["help"], f.metadata.get("choices")))
+    return out
+
+
+_PARTS: dict[str, type] = {"crop": CropConfig, "blend": BlendConfig, "runtime": RuntimeConfig}

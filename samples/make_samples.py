@@ -5,7 +5,7 @@
 face.png  the face region of scikit-image's ``astronaut()`` (NASA photo of Eileen Collins, public domain),
           cropped to 384x384 and enlarged to 512x512.
 face.mp4  2 s at 25 fps made from the same photo: a slow zoom-in (6 %) with a small pan, so frames differ;
-          H.264 yuv420p, no audio, written with musetalk.video.VideoWriter.
+          H.264 yuv420p, no audio, written with musetalk.stream.video.VideoWriter.
 speech.wav 16 kHz mono PCM16 speech from espeak-ng (apt-get install espeak-ng), resampled with PyAV.
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from musetalk.video import VideoWriter
+from musetalk.stream.video import VideoWriter
 
 HERE = Path(__file__).resolve().parent
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from musetalk import audio
+from musetalk.stages import audio
 from musetalk.errors import InputError
 
 

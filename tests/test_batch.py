@@ -18,11 +18,11 @@ from typing import Iterator
 import numpy as np
 import pytest
 
-from musetalk import batch
-from musetalk.cli import build_parser, main
+from musetalk.frontends import batch
+from musetalk.frontends.cli import build_parser, main
 from musetalk.config import preset
 from musetalk.errors import InputError
-from musetalk.video import probe
+from musetalk.stream.video import probe
 from tests.conftest import write_wav
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,7 +31,7 @@ FRAMES = {"face-a1.mp4": 10, "face-a2.mp4": 12, "clip-a3.mp4": 14}  # output -> 
 
 
 def _write_wav(path: Path, seconds: float) -> None:
-    from musetalk.audio import load_audio
+    from musetalk.stages.audio import load_audio
 
     write_wav(path, load_audio(SAMPLES / "speech.wav")[8000:8000 + int(seconds * 16000)])  # from 0.5 s: speech
 
@@ -41,7 +41,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """face.png and clip.mp4 at 256x256 (a quarter of the samples' pixels), three audio cuts and jobs.csv."""
     import cv2
 
-    from musetalk.video import VideoWriter, open_frames
+    from musetalk.stream.video import VideoWriter, open_frames
 
     folder = tmp_path_factory.mktemp("batch-inputs")
     image = cv2.imread(str(SAMPLES / "face.png"))
@@ -98,7 +98,7 @@ def _summary(path: Path) -> dict[int, list[dict]]:
 
 
 def _frames(path: Path) -> np.ndarray:
-    from musetalk.video import open_frames
+    from musetalk.stream.video import open_frames
 
     return np.stack(list(open_frames(path)))
 
@@ -184,7 +184,7 @@ def test_local_batch_makes_three_videos_and_a_summary(local_run: dict) -> None:
 
 
 def test_local_batch_prepares_the_shared_source_once(local_run: dict) -> None:
-    from musetalk.avatar import list_avatars
+    from musetalk.stream.avatar import list_avatars
 
     avatars = list_avatars(local_run["cache"])
     assert sorted(Path(m.source).name for m in avatars) == ["clip.mp4", "face.png"]  # 2 sources -> 2 avatars

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from musetalk.blending import (BlendMaterial, blend_face, blend_with_material, expanded_crop_box,
+from musetalk.stages.blending import (BlendMaterial, blend_face, blend_with_material, expanded_crop_box,
                                material_from_parsing, parser_input, prepare_blend_material)
 from musetalk.errors import InputError
-from musetalk.parsing import FaceParser, face_mask
+from musetalk.stages.parsing import FaceParser, face_mask
 
 BLEND_LEVELS, BLEND_FRACTION = 2, 0.995  # shared/golden/README.md
 

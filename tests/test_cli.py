@@ -53,8 +53,8 @@ def test_demo_falls_back_to_tiny_weights_with_a_plain_message(tmp_path: Path) ->
     """The README's main job on a machine without real weights or network: says so, then still makes a video."""
     import numpy as np
 
-    from musetalk.audio import load_audio
-    from musetalk.video import probe
+    from musetalk.stages.audio import load_audio
+    from musetalk.stream.video import probe
 
     out = tmp_path / "demo.mp4"
     proc = run("demo", "--models", str(tmp_path / "models"), "--tiny-dir", str(tmp_path / "tiny"), "--output",
@@ -82,7 +82,7 @@ def test_avatar_prepare_list_rm(tmp_path: Path, tiny_models: Path) -> None:
 
 
 def test_import_has_no_side_effects() -> None:
-    code = "import sys, musetalk, musetalk.cli; print('torch' in sys.modules)"
+    code = "import sys, musetalk, musetalk.frontends.cli; print('torch' in sys.modules)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.stdout.strip() == "False", "importing musetalk or its CLI must not import torch"
 
@@ -120,4 +120,4 @@ def test_public_api_is_importable_lazily() -> None:
             "print(MuseTalkPipeline.__module__, sorted(set(musetalk.__all__) - set(dir(musetalk))))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "musetalk.pipeline []"
+    assert proc.stdout.strip() == "musetalk.stream.pipeline []"

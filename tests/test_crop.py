@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from musetalk.errors import InputError, NoFaceError
-from musetalk.faces import (
+from musetalk.stages.faces import (
     FaceLandmarks,
     apply_extra_margin,
     bbox_shift_range,

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from musetalk.errors import InputError, WeightsError
-from musetalk.faces.dwpose import (
+from musetalk.stages.faces.dwpose import (
     FACE_SLICE,
     DWPoseBackend,
     DWPoseConfig,
@@ -26,7 +26,7 @@ from musetalk.faces.dwpose import (
     load_dwpose,
     wholebody_flip_indices,
 )
-from musetalk.faces.types import LandmarkBackend
+from musetalk.stages.faces.types import LandmarkBackend
 from tests.conftest import golden_set
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,7 +51,7 @@ def _frame(h: int = 360, w: int = 480, seed: int = 0) -> np.ndarray:
 
 
 def test_golden_dwpose_tiny_matches_mmpose() -> None:
-    from musetalk.faces.dwpose_golden import verify
+    from musetalk.testing.golden_dwpose import verify
 
     results = verify(golden_set("dwpose-tiny"))
     assert len(results) == 3
@@ -60,7 +60,7 @@ def test_golden_dwpose_tiny_matches_mmpose() -> None:
 
 def test_verifier_fails_when_the_flip_test_is_left_out(tmp_path: Path) -> None:
     """The verifier has teeth: the same set with the flip test switched off in its manifest must FAIL."""
-    from musetalk.faces.dwpose_golden import verify
+    from musetalk.testing.golden_dwpose import verify
 
     src = golden_set("dwpose-tiny")
     for item in src.iterdir():
@@ -74,7 +74,7 @@ def test_verifier_fails_when_the_flip_test_is_left_out(tmp_path: Path) -> None:
 
 
 def test_verifier_reports_a_set_without_checkpoint(tmp_path: Path) -> None:
-    from musetalk.faces.dwpose_golden import verify
+    from musetalk.testing.golden_dwpose import verify
 
     src = golden_set("dwpose-tiny")
     for name in ("manifest.json", "golden_dwpose.npz"):

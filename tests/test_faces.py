@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from musetalk.errors import InputError, MuseTalkError
-from musetalk.faces import FaceLandmarks, LandmarkBackend, crop_box, get_landmark_backend
-from musetalk.video import open_frames
+from musetalk.stages.faces import FaceLandmarks, LandmarkBackend, crop_box, get_landmark_backend
+from musetalk.stream.video import open_frames
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 
@@ -107,25 +107,25 @@ def test_face_alignment_weights_unavailable(monkeypatch):
 
 
 def test_dwpose_missing_is_a_clear_error(monkeypatch):
-    monkeypatch.setitem(sys.modules, "musetalk.faces.dwpose", None)  # as if another build had no dwpose.py
+    monkeypatch.setitem(sys.modules, "musetalk.stages.faces.dwpose", None)  # as if another build had no dwpose.py
     with pytest.raises(MuseTalkError, match="dwpose"):
         get_landmark_backend("dwpose", device="cpu")
 
 
 def test_dwpose_models_dir_names_the_checkpoint(tmp_path):
-    pytest.importorskip("musetalk.faces.dwpose")
+    pytest.importorskip("musetalk.stages.faces.dwpose")
     with pytest.raises(MuseTalkError, match="dw-ll_ucoco_384.pth"):
         get_landmark_backend("dwpose", device="cpu", models_dir=tmp_path)
 
 
 def test_predictor_found_without_pkg_resources():
-    from musetalk.faces.dlib_backend import predictor_path
+    from musetalk.stages.faces.dlib_backend import predictor_path
 
     assert predictor_path().is_file()
 
 
 def test_importing_faces_loads_no_detector():
-    code = "import sys, musetalk.faces; print(sorted({'cv2', 'dlib', 'torch', 'av'} & set(sys.modules)))"
+    code = "import sys, musetalk.stages.faces; print(sorted({'cv2', 'dlib', 'torch', 'av'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1])
     assert out.stdout.strip() == "[]"

@@ -10,8 +10,8 @@ import torch
 
 from musetalk.config import preset, with_overrides
 from musetalk.errors import InputError
-from musetalk.unet import UNet
-from musetalk.vae import VAE, crops_to_tensor
+from musetalk.stages.unet import UNet
+from musetalk.stages.vae import VAE, crops_to_tensor
 
 
 @pytest.fixture(scope="module")

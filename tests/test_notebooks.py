@@ -102,7 +102,7 @@ def test_notebook_runs_on_tiny_weights(name: str, kernel_env: Path) -> None:
 # -- the helpers behind the notebooks' first cell -------------------------------------------------------------
 def test_models_dir_switch(tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                            capsys: pytest.CaptureFixture[str]) -> None:
-    from musetalk import notebook
+    from musetalk.frontends import notebook
     from musetalk.errors import WeightsError
 
     monkeypatch.setattr(notebook, "REPO", None)  # ignore real weights a developer may have in models/
@@ -122,9 +122,9 @@ def test_models_dir_switch(tiny_models: Path, tmp_path: Path, monkeypatch: pytes
 
 
 def test_clips_for_short_tiny_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from musetalk import notebook
-    from musetalk.audio import load_audio
-    from musetalk.video import probe
+    from musetalk.frontends import notebook
+    from musetalk.stages.audio import load_audio
+    from musetalk.stream.video import probe
 
     monkeypatch.setenv("MUSETALK_OUTPUTS", str(tmp_path))
     assert len(load_audio(notebook.audio_clip(0.5))) == 8000

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from musetalk.errors import InputError, WeightsError
-from musetalk.parsing import (MASK_MODES, NOSE, SKIN, BiSeNet, FaceParser, cone_kernel, face_mask,
+from musetalk.stages.parsing import (MASK_MODES, NOSE, SKIN, BiSeNet, FaceParser, cone_kernel, face_mask,
                               to_parser_input)
 
 MASK_EQUAL = 0.995  # shared/golden/README.md: parsing masks >= 99.5 % pixels equal

@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from musetalk.audio import load_audio
+from musetalk.stages.audio import load_audio
 from musetalk.errors import InputError, MuseTalkError, NoFaceError
-from musetalk.pipeline import MuseTalkPipeline, pingpong
-from musetalk.video import VideoWriter, open_frames, probe
+from musetalk.stream.pipeline import MuseTalkPipeline, pingpong
+from musetalk.stream.video import VideoWriter, open_frames, probe
 from tests.conftest import write_wav
 
 REPO = Path(__file__).resolve().parents[1]
@@ -214,7 +214,7 @@ def test_two_processes_preparing_the_same_avatar_both_succeed(tiny_models: Path,
     import subprocess
     import sys
 
-    code = ("import sys; from musetalk.pipeline import MuseTalkPipeline; "
+    code = ("import sys; from musetalk.stream.pipeline import MuseTalkPipeline; "
             "p = MuseTalkPipeline.from_pretrained(sys.argv[1], device='cpu', dtype='fp32'); "
             "a = p.prepare_avatar(sys.argv[2], name='shared'); print(len(a), a.meta.key)")
     env = {**__import__("os").environ, "MUSETALK_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(REPO)}

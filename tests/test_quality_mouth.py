@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from musetalk.faces.types import FaceLandmarks
+from musetalk.stages.faces.types import FaceLandmarks
 from musetalk.quality import evaluate as ev
 from musetalk.quality.mouth import mouth_motion, mouth_opening, silent_frames
 

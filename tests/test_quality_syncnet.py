@@ -123,7 +123,7 @@ def test_checkpoint_checks(tmp_path, scorer):
 
 def test_syncnet_verifier_fails_an_altered_set(tmp_path):
     """Network stages on an altered copy of the golden set (the full run on the real set is tests/test_golden.py's)."""
-    from musetalk.quality.golden_syncnet import verify
+    from musetalk.testing.golden_syncnet import verify
 
     src = golden_set("syncnet-random")
     for name in ("manifest.json", "syncnet_v2.model", "inputs"):

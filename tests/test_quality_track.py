@@ -117,7 +117,7 @@ def test_iter_track_crops_streams_only_the_track_frames():
 
 
 def test_lse_crop_golden_set_passes():
-    from musetalk.quality.golden_lse_crop import verify
+    from musetalk.testing.golden_lse_crop import verify
 
     results = verify(golden_set("lse-crop"))
     assert results and all(r.passed is True for r in results), "\n".join(r.line() for r in results)

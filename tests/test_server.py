@@ -91,7 +91,7 @@ def server(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory):
     env = {**os.environ, "MUSETALK_CACHE": str(cache), "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get(
         "PYTHONPATH", "")}
     env.pop("MUSETALK_SERVER_TOKEN", None)
-    cmd = [sys.executable, "-m", "musetalk.server_cli", "--host", "127.0.0.1", "--port", "0", "--models", str(models),
+    cmd = [sys.executable, "-m", "musetalk.frontends.server.cli", "--host", "127.0.0.1", "--port", "0", "--models", str(models),
            "--token", TOKEN, "--device", "cpu", "--dtype", "fp32", "--queue-size", "2", "--max-upload-mb",
            str(MAX_UPLOAD_MB), "--work-dir", str(work), "--result-ttl", "600", "--shutdown-grace", "20"]
     with open(log, "wb") as out:
@@ -177,7 +177,7 @@ def job_folders(server) -> list[Path]:
     (b"", None),
 ])
 def test_sniff(head: bytes, expected: tuple[str, str] | None) -> None:
-    from musetalk.server import sniff
+    from musetalk.frontends.server import sniff
 
     found = sniff(head)
     assert (found and (found.kind, found.suffix)) == expected
@@ -189,7 +189,7 @@ def test_form_fields_are_config_fields() -> None:
     import typing
 
     from musetalk.config import BlendConfig, CropConfig, GenerationConfig, RuntimeConfig
-    from musetalk.server import create_app
+    from musetalk.frontends.server import create_app
 
     class _Pipe:  # create_app does not touch the pipeline until the app starts
         version = "v15"
@@ -213,7 +213,7 @@ def test_shutdown_authorization_rules() -> None:
     """No token: loopback only. With a token: only the exact bearer token, from anywhere."""
     from types import SimpleNamespace
 
-    from musetalk.server import ApiError, authorize_shutdown, is_loopback
+    from musetalk.frontends.server import ApiError, authorize_shutdown, is_loopback
 
     def request(host: str | None, auth: str | None = None):
         return SimpleNamespace(client=SimpleNamespace(host=host) if host else None,

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from musetalk.errors import InputError
-from musetalk.video import VideoWriter, ffmpeg_exe, open_frames, probe
+from musetalk.stream.video import VideoWriter, ffmpeg_exe, open_frames, probe
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 SPEECH = SAMPLES / "speech.wav"

@@ -15,12 +15,12 @@ import cv2
 import numpy as np
 import pytest
 
-from musetalk import viz
+from musetalk.frontends.notebook import viz
 from musetalk.errors import InputError, NoFaceError
 
 pytest.importorskip("ipywidgets", reason="the notebooks extra is not installed (pip install -e '.[notebooks]')")
 
-from musetalk.widgets import BboxShiftTuner, LiveDashboard
+from musetalk.frontends.notebook.widgets import BboxShiftTuner, LiveDashboard
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "samples"
@@ -32,7 +32,7 @@ class CountingLandmarker:
     name = "dlib"
 
     def __init__(self) -> None:
-        from musetalk.faces import get_landmark_backend
+        from musetalk.stages.faces import get_landmark_backend
 
         self.inner = get_landmark_backend("dlib")
         self.calls = 0
@@ -140,7 +140,7 @@ def test_tuner_refuses_a_source_without_a_face(tmp_path: Path) -> None:
 
 
 def test_tuner_from_pipeline_uses_its_landmarker_and_parser(tiny_models: Path) -> None:
-    from musetalk.pipeline import MuseTalkPipeline
+    from musetalk.stream.pipeline import MuseTalkPipeline
 
     pipe = MuseTalkPipeline.from_pretrained(tiny_models, device="cpu", dtype="fp32")
     tuner = BboxShiftTuner.from_pipeline(pipe, SAMPLES / "face.png", pipe.default_config(bbox_shift=99))
@@ -213,8 +213,8 @@ def test_dashboard_throttles_and_accepts_calls_from_a_worker_thread() -> None:
 
 def test_dashboard_drives_a_real_generation(tiny_models: Path, tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    from musetalk.audio import load_audio, num_video_frames
-    from musetalk.pipeline import MuseTalkPipeline
+    from musetalk.stages.audio import load_audio, num_video_frames
+    from musetalk.stream.pipeline import MuseTalkPipeline
     from musetalk.profiling import Profiler
 
     monkeypatch.setenv("MUSETALK_CACHE", str(tmp_path / "cache"))

@@ -166,9 +166,9 @@ def _s3fd_detector(path: Path, device: Any, config: EvaluateConfig) -> Callable[
 
 
 def _landmark_backend(name: str, device: Any) -> Any:
-    """``musetalk.faces.get_landmark_backend(name)``: ``.detect(frame_bgr) -> FaceLandmarks``."""
+    """``musetalk.stages.faces.get_landmark_backend(name)``: ``.detect(frame_bgr) -> FaceLandmarks``."""
     try:
-        from musetalk.faces import get_landmark_backend
+        from musetalk.stages.faces import get_landmark_backend
     except ImportError as exc:
         raise InputError(f"the landmark backends are not available in this install ({exc})",
                          "use --crop s3fd or --crop none") from None
@@ -379,7 +379,7 @@ def _evaluate_tracks(video: str | os.PathLike, wav: np.ndarray, crop: str, score
 
 
 # --------------------------------------------------------------------------------------------------------------
-# command line (mounted by musetalk.cli as `musetalk evaluate`)
+# command line (mounted by musetalk.frontends.cli as `musetalk evaluate`)
 
 
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:

@@ -18,9 +18,9 @@ from musetalk.testing.golden_common import StageResult, not_covered
 # golden file -> (set kind, "module:function" of its verifier)
 VERIFIERS: dict[str, tuple[str, str]] = {
     "golden.npz": ("musetalk", "musetalk.testing.golden_musetalk:verify"),
-    "golden_dwpose.npz": ("dwpose", "musetalk.faces.dwpose_golden:verify"),
-    "golden_syncnet.npz": ("syncnet", "musetalk.quality.golden_syncnet:verify"),
-    "golden_lse_crop.npz": ("lse-crop", "musetalk.quality.golden_lse_crop:verify"),
+    "golden_dwpose.npz": ("dwpose", "musetalk.testing.golden_dwpose:verify"),
+    "golden_syncnet.npz": ("syncnet", "musetalk.testing.golden_syncnet:verify"),
+    "golden_lse_crop.npz": ("lse-crop", "musetalk.testing.golden_lse_crop:verify"),
 }
 
 

@@ -48,21 +48,21 @@ class _Set:
         if name not in self._cache:
             models = self.dir / "models"
             if name == "audio":
-                from musetalk.audio import AudioEncoder
+                from musetalk.stages.audio import AudioEncoder
                 self._cache[name] = AudioEncoder.from_pretrained(models / "whisper")
             elif name == "vae":
-                from musetalk.vae import VAE
+                from musetalk.stages.vae import VAE
                 self._cache[name] = VAE.from_pretrained(models / "sd-vae")
             elif name == "unet":
-                from musetalk.unet import UNet
+                from musetalk.stages.unet import UNet
                 self._cache[name] = UNet.from_pretrained(self.unet_config, self.unet_weights)
             elif name == "parser":
-                from musetalk.parsing import FaceParser
+                from musetalk.stages.parsing import FaceParser
                 self._cache[name] = FaceParser.from_pretrained(models / "face-parse-bisent" / "79999_iter.pth")
         return self._cache[name]
 
     def face_box(self, coord: np.ndarray, frame_height: int) -> tuple[int, int, int, int]:
-        from musetalk.faces.crop import apply_extra_margin
+        from musetalk.stages.faces.crop import apply_extra_margin
         box = tuple(int(v) for v in coord)
         return apply_extra_margin(box, self.extra_margin, frame_height) if self.extra_margin else box
 
@@ -82,7 +82,7 @@ class _Set:
 
 
 def _audio_stages(s: _Set) -> list[StageResult]:
-    from musetalk.audio import AudioConfig, add_positional_encoding, load_audio
+    from musetalk.stages.audio import AudioConfig, add_positional_encoding, load_audio
 
     wav = load_audio(s.audio_path)
     enc = s.model("audio")
@@ -99,7 +99,7 @@ def _audio_stages(s: _Set) -> list[StageResult]:
 
 
 def _face_stages(s: _Set) -> list[StageResult]:
-    from musetalk.faces.crop import crop_box, crop_face
+    from musetalk.stages.faces.crop import crop_box, crop_face
 
     frames, lms = s.g["frames"], s.g["landmarks68"]
     coords = np.array([crop_box(lm, s.bbox_shift) for lm in lms], dtype=np.int64)
@@ -121,7 +121,7 @@ def _model_stages(s: _Set) -> list[StageResult]:
 
 
 def _parsing_stages(s: _Set) -> list[StageResult]:
-    from musetalk.parsing import face_mask
+    from musetalk.stages.parsing import face_mask
 
     parser = s.model("parser")
     frame0_rgb = s.g["frames"][0][..., ::-1]
@@ -135,7 +135,7 @@ def _parsing_stages(s: _Set) -> list[StageResult]:
 
 
 def _blend(s: _Set, faces: np.ndarray, coords: np.ndarray, mode: str, cached: bool) -> np.ndarray:
-    from musetalk.blending import blend_face, blend_with_material, prepare_blend_material
+    from musetalk.stages.blending import blend_face, blend_with_material, prepare_blend_material
 
     parser = s.model("parser")
     out = []
@@ -163,8 +163,8 @@ def _blend_stages(s: _Set) -> list[StageResult]:
 
 def _chained(s: _Set) -> list[StageResult]:
     """Audio file + frames + landmarks -> blended frames, using only our own intermediate results."""
-    from musetalk.audio import AudioConfig, load_audio
-    from musetalk.faces.crop import crop_box, crop_face
+    from musetalk.stages.audio import AudioConfig, load_audio
+    from musetalk.stages.faces.crop import crop_box, crop_face
 
     n = s.n_unet
     frames = s.g["frames"][:n]

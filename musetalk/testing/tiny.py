@@ -102,7 +102,7 @@ def write_tiny_models(models_dir: str | os.PathLike, seed: int = 0, parsing: boo
     _write_json(WHISPER_PREPROCESSOR, models_dir / "whisper" / "preprocessor_config.json")
     _save(WhisperModel(whisper_config).state_dict(), models_dir / "whisper" / "pytorch_model.bin")
     if parsing:
-        from musetalk.parsing import BiSeNet
+        from musetalk.stages.parsing import BiSeNet
 
         _save(BiSeNet().state_dict(), models_dir / "face-parse-bisent" / "79999_iter.pth")
     marker = "RANDOM_WEIGHTS" if full_size else "TINY_WEIGHTS"

@@ -20,7 +20,7 @@ import mlx.nn as nn
 import numpy as np
 import torch
 
-from musetalk.audio import add_positional_encoding
+from musetalk.stages.audio import add_positional_encoding
 from musetalk.errors import WeightsError
 from musetalk.stages.mlx.convert import load_converted, load_weights_strict
 from musetalk.stages.mlx.layers import Downsample, GroupNorm, ResnetBlock, Transformer2D, Upsample

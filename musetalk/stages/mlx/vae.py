@@ -23,7 +23,7 @@ import torch
 from musetalk.errors import WeightsError
 from musetalk.stages.mlx.convert import load_converted, load_weights_strict
 from musetalk.stages.mlx.layers import Downsample, GroupNorm, ResnetBlock, SpatialSelfAttention, Upsample
-from musetalk.vae import _convert_legacy_attention
+from musetalk.stages.vae import _convert_legacy_attention
 from musetalk.weights import DOWNLOAD_HINT, file_fingerprint, find_weights_file, load_state_dict
 
 VAE_EPS = 1e-6  # diffusers' Encoder/Decoder build every norm with eps 1e-6

@@ -1,0 +1,54 @@
+"""UNet stage: one denoising step at timestep 0, conditioned on the audio windows.
+
+  latents  (B, 8, 32, 32): masked-half latents || reference latents (see musetalk.stages.vae)
+  audio    (B, 50, 384) per-frame windows *before* positional encoding (added here)
+  output   (B, 4, 32, 32) predicted latents of the talking face
+The architecture comes from the checkpoint's own ``musetalk.json`` (a diffusers UNet2DConditionModel).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from musetalk.stages.audio import add_positional_encoding
+from musetalk.errors import WeightsError
+from musetalk.weights import DOWNLOAD_HINT, load_into, load_state_dict
+
+
+class UNet:
+    """The MuseTalk UNet, built once from ``musetalk.json`` + the version's weights file."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+        self.model = model
+        self.device = device
+        self.dtype = dtype
+
+    @classmethod
+    def from_pretrained(cls, config_path: str | os.PathLike, weights_path: str | os.PathLike,
+                        device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> "UNet":
+        from diffusers import UNet2DConditionModel
+
+        config_path, weights_path = Path(config_path), Path(weights_path)
+        fix = DOWNLOAD_HINT.format(models=config_path.parent.parent)
+        if not config_path.is_file():
+            raise WeightsError(f"UNet config {config_path} is missing", fix)
+        try:
+            config = json.loads(config_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise WeightsError(f"UNet config {config_path} is not valid JSON ({exc})", fix) from None
+        model = UNet2DConditionModel.from_config(config)
+        load_into(model, load_state_dict(weights_path, fix=fix), source=weights_path)
+        # plain Module.to: diffusers' override warns about keep-in-fp32 modules these models don't have
+        torch.nn.Module.to(model.eval().requires_grad_(False), device=device, dtype=dtype)
+        return cls(model, torch.device(device), dtype)
+
+    @torch.inference_mode()
+    def __call__(self, latents: torch.Tensor, audio_windows: torch.Tensor) -> torch.Tensor:
+        """(B, 8, 32, 32) + (B, 50, 384) -> (B, 4, 32, 32), same device as the model, model dtype."""
+        cond = add_positional_encoding(audio_windows.to(self.device, self.dtype))
+        timestep = torch.zeros(1, device=self.device, dtype=torch.long)  # single step at t = 0, no scheduler
+        return self.model(latents.to(self.device, self.dtype), timestep, encoder_hidden_states=cond).sample

@@ -1,0 +1,348 @@
+"""The streaming pipeline: prepare a source once, then stream lip-synced frames for any audio.
+
+    pipe = MuseTalkPipeline.from_pretrained("models", version="v15", device="auto", dtype="auto")
+    avatar = pipe.prepare_avatar("face.mp4", config)            # once per source (cached on disk by name)
+    for frame in pipe.stream(avatar, "speech.wav", config): ... # (H, W, 3) uint8 BGR frames, in order
+    pipe.generate("face.mp4", "speech.wav", "out.mp4", config)  # stream -> H.264 + AAC, atomically
+
+Memory stays flat in the length of the audio and of the source: frames flow through generators and
+bounded queues; per-source-frame work (landmarks, crop, latents, mask) is stored on disk by the avatar.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import shutil
+import tempfile
+import threading
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable, Generator
+
+import numpy as np
+import torch
+
+from musetalk.stages import audio as audio_stage
+from musetalk.stream.avatar import Avatar, AvatarMeta, AvatarWriter, avatar_key, cache_root, check_avatar_name, \
+    hash_source, load_avatar
+from musetalk.config import GenerationConfig, preset
+from musetalk.devices import resolve_device, resolve_dtype
+from musetalk.errors import InputError, NoFaceError, WeightsError
+from musetalk.weights import DOWNLOAD_HINT, default_models_dir, layout
+
+log = logging.getLogger(__name__)
+_SENTINEL = object()
+
+
+def pingpong(index: int, num_source_frames: int) -> int:
+    """Source frame of output frame ``index``: the source cycled forward then backward (reference rule)."""
+    if num_source_frames == 1:
+        return 0
+    j = index % (2 * num_source_frames)
+    return j if j < num_source_frames else 2 * num_source_frames - 1 - j
+
+
+def _put_unless_stopped(out: queue.Queue, item: object, stop: threading.Event) -> None:
+    """Block on a full queue only while the consumer is still there (it sets ``stop`` when it leaves)."""
+    while not stop.is_set():
+        try:
+            out.put(item, timeout=0.1)
+            return
+        except queue.Full:
+            continue
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """What ``generate`` made."""
+
+    path: Path
+    num_frames: int
+    fps: float
+    seconds: float  # wall time of the whole call
+    avatar: str  # avatar folder used
+
+
+class MuseTalkPipeline:
+    """Audio encoder + VAE + UNet + face parser, loaded once; landmark backends built on first use."""
+
+    def __init__(self, audio_encoder, vae, unet, parser, *, version: str = "v15", models_dir: Path | None = None,
+                 landmarker_factory: Callable[[str], Any] | None = None) -> None:
+        self.audio_encoder = audio_encoder
+        self.vae = vae
+        self.unet = unet
+        self.parser = parser
+        self.version = version
+        self.models_dir = Path(models_dir) if models_dir else None
+        self.device = unet.device
+        self.dtype = unet.dtype
+        self._landmarker_factory = landmarker_factory
+        self._landmarkers: dict[str, Any] = {}
+
+    @classmethod
+    def from_pretrained(cls, models_dir: str | os.PathLike | None = None, version: str = "v15",
+                        device: str = "auto", dtype: str | torch.dtype = "auto") -> "MuseTalkPipeline":
+        """Load every model from an official ``models/`` folder; device/dtype resolved here, once."""
+        from musetalk.stages.audio import AudioEncoder
+        from musetalk.stages.parsing import FaceParser
+        from musetalk.stages.unet import UNet
+        from musetalk.stages.vae import VAE
+
+        models = Path(models_dir) if models_dir is not None else default_models_dir()
+        parts = layout(version)
+        missing = [f for f in parts.required_files() if not (models / f).is_file()]
+        unet_file = models / parts.unet_dir / parts.unet_weights
+        if missing:
+            raise WeightsError(f"weights for {version} are incomplete in {models}: missing {', '.join(missing)}",
+                               DOWNLOAD_HINT.format(models=models))
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev)
+        log.info("loading MuseTalk %s from %s on %s (%s)", version, models, dev, dt)
+        # Whisper and the face parser run once per segment / source frame: keep them in fp32 for exactness
+        return cls(AudioEncoder.from_pretrained(models / parts.whisper_dir, device=dev),
+                   VAE.from_pretrained(models / parts.vae_dir, device=dev, dtype=dt),
+                   UNet.from_pretrained(models / parts.unet_config, unet_file, device=dev, dtype=dt),
+                   FaceParser.from_pretrained(models / parts.face_parse, device=dev),
+                   version=version, models_dir=models)
+
+    # -- helpers -------------------------------------------------------------------------------------------
+    def landmarker(self, name: str):
+        """The landmark backend ``name``, built once per pipeline."""
+        if name not in self._landmarkers:
+            if self._landmarker_factory is not None:
+                self._landmarkers[name] = self._landmarker_factory(name)
+            else:
+                from musetalk.stages.faces import get_landmark_backend
+
+                kwargs = {"models_dir": self.models_dir} if name == "dwpose" and self.models_dir else {}
+                self._landmarkers[name] = get_landmark_backend(name, device=str(self.device), **kwargs)
+        return self._landmarkers[name]
+
+    def default_config(self, **overrides: object) -> GenerationConfig:
+        """The reference preset of this pipeline's version, with overrides."""
+        return preset(self.version, **overrides)
+
+    def _avatar_settings(self, config: GenerationConfig, fps: float) -> dict:
+        """Everything besides the source that changes what an avatar stores: the latents depend on the VAE's
+        weights and dtype, the masks on the parser's weights."""
+        weights = {"vae": self.vae.fingerprint, "vae_dtype": str(self.vae.dtype), "parser": self.parser.fingerprint}
+        return {"crop": asdict(config.crop), "blend": asdict(config.blend), "fps": fps, "weights": weights}
+
+    # -- 1. prepare ----------------------------------------------------------------------------------------
+    def prepare_avatar(self, source: str | os.PathLike, config: GenerationConfig | None = None,
+                       name: str | None = None, force: bool = False, progress: bool = False,
+                       profiler=None) -> Avatar:
+        """Landmarks, crop, latents and paste-back mask of every source frame, stored on disk.
+
+        With ``name`` the avatar lands in the shared cache (``cache_root()/avatars/name``) and is reused while
+        the source content and settings are unchanged; without it, in a temporary folder that the returned Avatar
+        owns (removed by ``avatar.close()``, a ``with`` block, garbage collection or interpreter exit).
+        Raises NoFaceError when no frame has a face.
+        """
+        from musetalk.stages.blending import prepare_blend_material
+        from musetalk.stages.faces.crop import apply_extra_margin, crop_box, crop_face
+        from musetalk.stream.video import open_frames
+
+        config = (config or self.default_config()).validate()
+        source = Path(source)
+        frames = open_frames(source)  # raises InputError for missing / unreadable sources
+        fps = float(frames.fps or config.fps)
+        settings = self._avatar_settings(config, fps)
+        key = avatar_key(hash_source(source), settings)
+        if name is not None:
+            path = cache_root() / "avatars" / check_avatar_name(name)
+            existing = None if force else load_avatar(path, key)
+            if existing is not None:
+                log.info("reusing avatar %s (%d frames)", name, len(existing))
+                return existing
+        else:
+            path = Path(tempfile.mkdtemp(prefix="musetalk-avatar-")) / "avatar"
+        stage = profiler.stage if profiler is not None else (lambda _name: nullcontext())
+        landmarker = self.landmarker(config.crop.landmarks)
+        writer = AvatarWriter(path)
+        batch = max(1, config.runtime.batch_size)
+        pending: list[np.ndarray | None] = []  # crops awaiting the VAE (None: no face)
+
+        def flush() -> None:
+            crops = [c for c in pending if c is not None]
+            latents = np.zeros((len(pending), 8, 32, 32), np.float32)
+            if crops:
+                with stage("vae_encode"):
+                    encoded = self.vae.unet_input(np.stack(crops)).numpy()
+                latents[[i for i, c in enumerate(pending) if c is not None]] = encoded
+            writer.add_latents(latents)
+            pending.clear()
+
+        faces = 0
+        size = (0, 0)  # (width, height) of the source frames
+        try:
+            iterator = frames
+            if progress:
+                from tqdm.auto import tqdm
+                iterator = tqdm(frames, total=frames.num_frames or None, desc="prepare", unit="frame")
+            for frame in iterator:
+                size = frame.shape[1], frame.shape[0]
+                with stage("landmarks"):
+                    result = landmarker.detect(frame)
+                box = crop_box(result.landmarks, config.crop.bbox_shift, result.detector_box) \
+                    if result.has_face else None
+                if box is not None:
+                    face_box = apply_extra_margin(box, config.crop.extra_margin, frame.shape[0])
+                    with stage("crop"):
+                        crop = crop_face(frame, face_box)
+                    with stage("parsing"):
+                        material = prepare_blend_material(
+                            frame, face_box, self.parser, config.blend.parsing_mode, config.blend.left_cheek_width,
+                            config.blend.right_cheek_width, upper_boundary_ratio=config.blend.upper_boundary_ratio,
+                            expand=config.blend.expand, blur_factor=config.blend.blur_factor)
+                    writer.add_frame(frame, result.landmarks, face_box, material.mask, material.crop_box)
+                    pending.append(crop)
+                    faces += 1
+                else:
+                    writer.add_frame(frame, None, None, None, None)
+                    pending.append(None)
+                if len(pending) >= batch:
+                    flush()
+            if pending:
+                flush()
+            if faces == 0:
+                raise NoFaceError(f"no face found in any frame of {source}",
+                                  "use a source where one face is clearly visible (frontal, not too small)")
+            meta = AvatarMeta(key=key, source=str(source), num_frames=len(writer.has_face), fps=fps, width=size[0],
+                              height=size[1], faces=faces, settings=settings, created=time.time())
+            return writer.commit(meta, owned_dir=path.parent if name is None else None)
+        except BaseException:
+            writer.abort()
+            if name is None:
+                shutil.rmtree(path.parent, ignore_errors=True)
+            raise
+
+    # -- 2. stream -----------------------------------------------------------------------------------------
+    def _predict_batches(self, avatar: Avatar, wav: np.ndarray, batch_size: int, stop: threading.Event,
+                         out: queue.Queue, stage) -> None:
+        """Producer thread: UNet + VAE decode per batch of output frames -> (source indices, faces)."""
+        try:
+            fps = avatar.meta.fps
+            n_out = audio_stage.num_video_frames(len(wav), fps)
+            windows = audio_stage.iter_frame_windows(self.audio_encoder, wav, audio_stage.AudioConfig(fps=fps))
+            for start in range(0, n_out, batch_size):
+                if stop.is_set():
+                    return
+                count = min(batch_size, n_out - start)
+                with stage("audio"):
+                    batch_windows = np.stack([next(windows) for _ in range(count)])
+                sources = [pingpong(i, len(avatar)) for i in range(start, start + count)]
+                rows = [k for k, s in enumerate(sources) if avatar.has_face[s]]
+                faces = None
+                if rows:
+                    latents = torch.from_numpy(np.stack([avatar.latents[sources[k]] for k in rows]))
+                    with stage("unet"):
+                        predicted = self.unet(latents, torch.from_numpy(batch_windows[rows]))
+                    with stage("vae_decode"):
+                        faces = self.vae.decode(predicted)
+                _put_unless_stopped(out, (sources, rows, faces), stop)
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            _put_unless_stopped(out, exc, stop)
+            return
+        _put_unless_stopped(out, _SENTINEL, stop)
+
+    def stream(self, avatar: Avatar, audio: str | os.PathLike | np.ndarray, config: GenerationConfig | None = None,
+               profiler=None) -> Generator[np.ndarray, None, None]:
+        """Yield the lip-synced frames ((H, W, 3) uint8 BGR) for ``audio``, one per 1/fps of audio.
+
+        Model compute runs one batch ahead in a worker thread (bounded queue of 2 batches) while this
+        generator blends and its consumer encodes. Frames without a face are the source frames, untouched.
+        """
+        from musetalk.stages.blending import BlendMaterial, blend_with_material
+
+        config = (config or self.default_config()).validate()
+        wav = audio if isinstance(audio, np.ndarray) else audio_stage.load_audio(audio)
+        audio_stage.check_speech(wav, avatar.meta.fps, source=str(audio) if not isinstance(audio, np.ndarray) else "audio")
+        stage = profiler.stage if profiler is not None else (lambda _name: nullcontext())
+        frame_of = lru_cache(maxsize=4)(avatar.frame)  # an image source is read once, not once per frame
+        mask_of = lru_cache(maxsize=4)(avatar.mask)
+        stop = threading.Event()
+        batches: queue.Queue = queue.Queue(maxsize=2)
+        worker = threading.Thread(target=self._predict_batches, name="musetalk-models", daemon=True,
+                                  args=(avatar, wav, config.runtime.batch_size, stop, batches, stage))
+        worker.start()
+        try:
+            while True:
+                item = batches.get()
+                if item is _SENTINEL:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                sources, rows, faces = item
+                face_of_row = {k: j for j, k in enumerate(rows)}
+                for k, s in enumerate(sources):
+                    frame = frame_of(s)
+                    if k in face_of_row:
+                        with stage("blend"):
+                            x1, y1, x2, y2 = (int(v) for v in avatar.mask_boxes[s])
+                            material = BlendMaterial(mask=mask_of(s), crop_box=(x1, y1, x2, y2))
+                            frame = blend_with_material(frame, faces[face_of_row[k]], avatar.face_box(s), material)
+                    if profiler is not None:
+                        profiler.frame_done()
+                    yield frame
+        finally:
+            stop.set()
+            worker.join(timeout=30)
+
+    # -- 3. generate ---------------------------------------------------------------------------------------
+    @staticmethod
+    def check_inputs(source: str | os.PathLike, audio: str | os.PathLike, output: str | os.PathLike) -> None:
+        """Fail fast, before any work, on inputs that cannot work."""
+        source, audio, output = Path(source), Path(audio), Path(output)
+        if not source.exists():
+            raise InputError(f"source not found: {source}", "pass an image, a video or a folder of frames")
+        if not audio.is_file():
+            raise InputError(f"audio file not found: {audio}", "check the --audio path")
+        if output.suffix.lower() != ".mp4":
+            raise InputError(f"output must be an .mp4 file, got {output.name!r}", "e.g. --output out.mp4")
+        if output.is_dir():
+            raise InputError(f"output {output} is a folder", "name a file, e.g. out.mp4")
+        parent = output.resolve().parent
+        if not parent.is_dir():
+            raise InputError(f"output folder {parent} does not exist", f"create it: mkdir -p {parent}")
+        if not os.access(parent, os.W_OK):
+            raise InputError(f"cannot write to {parent}", "choose a writable output folder")
+
+    def generate(self, source: str | os.PathLike, audio: str | os.PathLike, output: str | os.PathLike,
+                 config: GenerationConfig | None = None, avatar: str | None = None, progress: bool = True,
+                 profiler=None) -> GenerationResult:
+        """Source + audio -> lip-synced mp4 (H.264 yuv420p crf 18 + AAC), written atomically."""
+        from musetalk.stream.video import VideoWriter
+
+        started = time.perf_counter()
+        config = (config or self.default_config()).validate()
+        self.check_inputs(source, audio, output)
+        wav = audio_stage.load_audio(audio)  # decode errors surface before the (slow) preparation
+        prepared = self.prepare_avatar(source, config, name=avatar, progress=progress, profiler=profiler)
+        try:
+            audio_stage.check_speech(wav, prepared.meta.fps, source=str(audio))
+            n_out = audio_stage.num_video_frames(len(wav), prepared.meta.fps)
+            frames = self.stream(prepared, wav, config, profiler=profiler)
+            bar = None
+            if progress:
+                from tqdm.auto import tqdm
+                bar = tqdm(total=n_out, desc="generate", unit="frame")
+            written = 0
+            with VideoWriter(output, fps=prepared.meta.fps, audio=audio) as writer:
+                for frame in frames:
+                    with (profiler.stage("encode") if profiler is not None else nullcontext()):
+                        writer.write(frame)
+                    written += 1
+                    if bar is not None:
+                        bar.update(1)
+            if bar is not None:
+                bar.close()
+        finally:
+            prepared.close()  # a temporary avatar goes now; a named one stays in the cache
+        return GenerationResult(Path(output), written, prepared.meta.fps, time.perf_counter() - started,
+                                str(prepared.path) if avatar else "(temporary)")
