@@ -19,6 +19,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--version", default="v15", help="v15 (default) or v1")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu) | cpu | cuda | mps")
     p.add_argument("--dtype", default="auto", help="auto | fp32 | fp16 | bf16")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "mlx"],
+                   help="UNet + VAE backend: auto (MLX on Apple Silicon when installed) | torch | mlx")
     p.add_argument("--batch-size", type=int, default=None, help="frames per UNet/VAE call (default 8)")
 
 
@@ -40,13 +42,14 @@ def _config(args: argparse.Namespace):
                   left_cheek_width=getattr(args, "left_cheek_width", None),
                   right_cheek_width=getattr(args, "right_cheek_width", None), fps=getattr(args, "fps", None),
                   landmarks=getattr(args, "landmarks", None), batch_size=args.batch_size, device=args.device,
-                  dtype=args.dtype)
+                  dtype=args.dtype, backend=args.backend)
 
 
 def _pipeline(args: argparse.Namespace):
     from musetalk.stream.pipeline import MuseTalkPipeline
 
-    return MuseTalkPipeline.from_pretrained(args.models, version=args.version, device=args.device, dtype=args.dtype)
+    return MuseTalkPipeline.from_pretrained(args.models, version=args.version, device=args.device, dtype=args.dtype,
+                                            backend=args.backend)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -36,6 +36,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                    "when a request names none (the other one loads on its first request, if its weights exist)")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu) | cpu | cuda | mps")
     p.add_argument("--dtype", default="auto", help="auto | fp32 | fp16 | bf16")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "mlx"],
+                   help="UNet + VAE backend: auto (MLX on Apple Silicon when installed) | torch | mlx")
     p.add_argument("--queue-size", type=int, default=4, help="jobs that may wait behind the running one (then 429)")
     p.add_argument("--max-upload-mb", type=float, default=256, help="largest request body in MiB (then 413)")
     p.add_argument("--max-audio-seconds", type=float, default=900, help="longest audio accepted")
@@ -86,7 +88,7 @@ def run_serve(args: argparse.Namespace) -> int:
         raise MuseTalkError(f"the server needs fastapi, uvicorn and python-multipart ({exc.name} is missing)",
                             "pip install 'musetalk[server]'") from None
     settings = _settings(args)
-    loader = PipelineLoader(args.models, device=args.device, dtype=args.dtype)
+    loader = PipelineLoader(args.models, device=args.device, dtype=args.dtype, backend=args.backend)
     loader(args.version)  # load now: missing weights stop here with their fix, before the port opens
     sock = bind_socket(args.host, args.port)
     host, port = sock.getsockname()[:2]

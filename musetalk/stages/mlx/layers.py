@@ -14,14 +14,29 @@ import mlx.core as mx
 import mlx.nn as nn
 
 
-class GroupNorm(nn.GroupNorm):
-    """torch.nn.GroupNorm semantics (channel-major groups), computed in float32, returned in the input dtype."""
+def _sum_rows_then_columns(y: mx.array) -> mx.array:
+    """(B, H, W, G, Cg) -> (B, 1, 1, G, 1) sums, reduced per row first: MLX's CPU reductions add sequentially in
+    float32, which over a 256x256 map loses ~0.2 % of a variance (measured: latents off by 4e-4 vs torch)."""
+    return y.sum(axis=(2, 4), keepdims=True).sum(axis=1, keepdims=True)
+
+
+class GroupNorm(nn.Module):
+    """torch.nn.GroupNorm over NHWC (channel-major groups), in float32, two-pass, returned in the input dtype."""
 
     def __init__(self, groups: int, channels: int, eps: float) -> None:
-        super().__init__(groups, channels, eps=eps, affine=True, pytorch_compatible=True)
+        super().__init__()
+        self.groups, self.eps = groups, eps
+        self.weight = mx.ones((channels,))
+        self.bias = mx.zeros((channels,))
 
     def __call__(self, x: mx.array) -> mx.array:
-        return super().__call__(x.astype(mx.float32)).astype(x.dtype)
+        b, h, w, c = x.shape
+        y = x.astype(mx.float32).reshape(b, h, w, self.groups, c // self.groups)
+        count = h * w * (c // self.groups)
+        y = y - _sum_rows_then_columns(y) / count
+        var = _sum_rows_then_columns(y * y) / count
+        y = (y * mx.rsqrt(var + self.eps)).reshape(b, h, w, c)
+        return (y * self.weight.astype(mx.float32) + self.bias.astype(mx.float32)).astype(x.dtype)
 
 
 class LayerNorm(nn.LayerNorm):
