@@ -60,6 +60,7 @@ def child(models: Path, backend: str, dtype: str, batch: int, frames: int, devic
     from musetalk.stream.pipeline import MuseTalkPipeline
     from musetalk.stream.video import VideoWriter
 
+    frames = max(frames, batch)  # at least one full batch, or batch 8 would never be measured
     t0 = time.perf_counter()
     pipe = MuseTalkPipeline.from_pretrained(models, device=device, dtype=dtype, backend=backend)
     load_s = time.perf_counter() - t0
@@ -95,8 +96,8 @@ def child(models: Path, backend: str, dtype: str, batch: int, frames: int, devic
             "device_peak_mb": None if device_peak[1] is None else device_peak[1] / 2**20}
 
 
-def run_child(models: Path, backend: str, dtype: str, batch: int, frames: int, device: str) -> dict:
-    env = {**os.environ, "MUSETALK_CACHE": tempfile.mkdtemp(prefix="bench-backends-cache-"),
+def run_child(models: Path, backend: str, dtype: str, batch: int, frames: int, device: str, work: Path) -> dict:
+    env = {**os.environ, "MUSETALK_CACHE": tempfile.mkdtemp(dir=work, prefix="cache-"),
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     args = [sys.executable, "-m", "benchmarks.bench_backends", "--child", str(models), backend, dtype, str(batch),
             "--frames", str(frames), "--device", device]
@@ -132,7 +133,7 @@ def table(records: list[dict], size: str, frames: int, info: dict) -> str:
         "full-size architecture (850 M-parameter UNet, sd-vae-ft-mse; random weights)"
     return f"""## Backends: torch vs MLX ({size})
 
-`python -m benchmarks.bench_backends --size {size}` — {what}, {frames} frames per measurement, the same weight files
+`python -m benchmarks.bench_backends --size {size}` — {what}, {frames} frames (at least one batch) per measurement, the same weight files
 and inputs for both backends, each configuration in a fresh process. Model-only = UNet + VAE decode;
 end to end = `pipeline.stream` from a prepared avatar into an mp4. Machine: {where}; torch {info['torch']},
 mlx {info.get('mlx')} on {info.get('mlx_device')}; torch stages on `{records[0]['device'] if records else '?'}`.
@@ -161,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backends", default="torch,mlx")
     parser.add_argument("--dtypes", default="fp32,fp16")
     parser.add_argument("--batches", default="1,4,8")
-    parser.add_argument("--frames", type=int, default=8, help="frames per measurement (model-only and end to end)")
+    parser.add_argument("--frames", type=int, default=8,
+                        help="frames per measurement (model-only and end to end); at least the batch size")
     parser.add_argument("--device", default="auto", help="torch device of the torch stages (and of --backend torch)")
     parser.add_argument("--models", type=Path, default=None, help="use these weights instead of writing random ones")
     parser.add_argument("--no-doc", action="store_true", help="print only; leave docs/benchmarks.md alone")
@@ -182,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         for dtype in args.dtypes.split(","):
             for batch in (int(b) for b in args.batches.split(",")):
                 for backend in backends:  # interleaved, so drifting machine load hits both backends alike
-                    record = run_child(models, backend, dtype, batch, args.frames, args.device)
+                    record = run_child(models, backend, dtype, batch, args.frames, args.device, Path(tmp))
                     record["load_1min_before"] = os.getloadavg()[0]
                     records.append(record)
                     print(json.dumps(record), file=sys.stderr, flush=True)

@@ -85,6 +85,20 @@ def test_unet_matches_torch_for_each_checkpoint_layout(tiny_models: Path, inputs
     assert np.array_equal(unet(inputs["latents8"].numpy(), inputs["windows"].numpy()).numpy(), got.numpy())
 
 
+def test_models_loaded_on_one_thread_run_on_another(tiny_models: Path, inputs: dict) -> None:
+    """The pipeline loads on the caller's thread and runs the models in its worker thread."""
+    import threading
+
+    config, weights = tiny_models / "musetalkV15" / "musetalk.json", tiny_models / "musetalkV15" / "unet.pth"
+    unet = MLXUNet.from_pretrained(config, weights, cache=False)
+    here = unet(inputs["latents8"][:1], inputs["windows"][:1])
+    results: list = []
+    worker = threading.Thread(target=lambda: results.append(unet(inputs["latents8"][:1], inputs["windows"][:1])))
+    worker.start()
+    worker.join()
+    assert len(results) == 1 and np.array_equal(results[0].numpy(), here.numpy())
+
+
 def test_vae_encode_and_decode_match_torch(torch_vae: VAE, mlx_vae: MLXVAE, inputs: dict) -> None:
     latents = mlx_vae.unet_input(inputs["crops"])
     assert latents.shape == (2, 8, 8, 8) and latents.dtype == torch.float32
@@ -251,9 +265,11 @@ def test_switching_backends_in_one_process(tiny_models: Path, tmp_path: Path,
     monkeypatch.setenv("MUSETALK_CACHE", str(tmp_path / "cache"))
     models = copy_models(tiny_models, tmp_path / "models", "musetalkV15", "sd-vae", "whisper", "face-parse-bisent")
     wav = load_audio(SAMPLES / "speech.wav")[: int(0.12 * 16000)]  # 3 frames at 25 fps: one batch
+    pipes = {backend: MuseTalkPipeline.from_pretrained(models, device="cpu", dtype="fp32", backend=backend)
+             for backend in ("torch", "mlx")}
     runs = []
-    for backend in ("torch", "mlx", "torch"):
-        pipe = MuseTalkPipeline.from_pretrained(models, device="cpu", dtype="fp32", backend=backend)
+    for backend in ("torch", "mlx", "torch"):  # the torch pipeline again after MLX ran: nothing leaked between them
+        pipe = pipes[backend]
         assert getattr(pipe.unet, "backend", "torch") == getattr(pipe.vae, "backend", "torch") == backend
         assert pipe.device == torch.device("cpu") and pipe.dtype == torch.float32
         config = pipe.default_config(batch_size=4)

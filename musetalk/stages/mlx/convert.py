@@ -116,5 +116,7 @@ def load_weights_strict(model: nn.Module, weights: Mapping[str, mx.array], dtype
         raise WeightsError(f"{source} does not match the MLX {type(model).__name__}: " + "; ".join(parts),
                            "check that the file and its config belong together (right version?)")
     model.load_weights([(k, v.astype(dtype)) for k, v in weights.items()], strict=True)
+    # evaluate on the loading thread: MLX >= 0.31.2 streams are thread-local, and the pipeline calls the models
+    # from its worker thread, where only finished arrays may arrive
     mx.eval(model.parameters())
     return model.eval()

@@ -22,6 +22,7 @@ import torch
 
 from musetalk.stages.audio import add_positional_encoding
 from musetalk.errors import WeightsError
+from musetalk.stages.mlx import mlx_dtype
 from musetalk.stages.mlx.convert import load_converted, load_weights_strict
 from musetalk.stages.mlx.layers import Downsample, GroupNorm, ResnetBlock, Transformer2D, Upsample
 from musetalk.weights import DOWNLOAD_HINT, file_fingerprint, load_state_dict
@@ -212,8 +213,6 @@ class MLXUNet:
 
     def __init__(self, model: UNet2DCondition, dtype: torch.dtype, device: torch.device | str = "cpu",
                  fingerprint: str | None = None) -> None:
-        from musetalk.stages.mlx import mlx_dtype
-
         self.model = model
         self.dtype = dtype
         self.mx_dtype = mlx_dtype(dtype)
@@ -225,8 +224,6 @@ class MLXUNet:
                         device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                         cache: bool = True) -> "MLXUNet":
         """Build from the official files; ``cache=False`` converts in memory and writes nothing."""
-        from musetalk.stages.mlx import mlx_dtype
-
         config_path, weights_path = Path(config_path), Path(weights_path)
         fix = DOWNLOAD_HINT.format(models=config_path.parent.parent)
         if not config_path.is_file():

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from musetalk.errors import WeightsError
+from musetalk.stages.mlx import mlx_dtype
 from musetalk.stages.mlx.convert import load_converted, load_weights_strict
 from musetalk.stages.mlx.layers import Downsample, GroupNorm, ResnetBlock, SpatialSelfAttention, Upsample
 from musetalk.stages.vae import _convert_legacy_attention
@@ -157,8 +158,6 @@ class MLXVAE:
 
     def __init__(self, model: AutoencoderKL, dtype: torch.dtype, scaling_factor: float,
                  device: torch.device | str = "cpu", fingerprint: str | None = None) -> None:
-        from musetalk.stages.mlx import mlx_dtype
-
         self.model = model
         self.dtype = dtype
         self.mx_dtype = mlx_dtype(dtype)
@@ -170,8 +169,6 @@ class MLXVAE:
     def from_pretrained(cls, vae_dir: str | os.PathLike, device: str | torch.device = "cpu",
                         dtype: torch.dtype = torch.float32, cache: bool = True) -> "MLXVAE":
         """Build from ``config.json`` + ``diffusion_pytorch_model.{safetensors,bin}``; ``cache=False`` writes nothing."""
-        from musetalk.stages.mlx import mlx_dtype
-
         vae_dir = Path(vae_dir)
         fix = DOWNLOAD_HINT.format(models=vae_dir.parent)
         if not (vae_dir / "config.json").is_file():
