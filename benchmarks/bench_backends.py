@@ -114,7 +114,7 @@ def make_models(folder: Path, size: str) -> Path:
     return write_tiny_models(folder, parsing=True, full_size=size == "full")
 
 
-def table(records: list[dict], size: str, frames: int, info: dict) -> str:
+def table(records: list[dict], size: str, frames: int, info: dict, command: str) -> str:
     def mb(value: float | None) -> str:
         return "–" if value is None else f"{value:,.0f} MB"
 
@@ -122,20 +122,22 @@ def table(records: list[dict], size: str, frames: int, info: dict) -> str:
         f"| {r['backend']} | {r['dtype']} | {r['batch']} | {r['model_only_fps']:.2f} | {r['end_to_end_fps']:.2f} | "
         f"{mb(r['peak_rss_mb'])} | {mb(r['device_peak_mb'])}{' (`' + r['device_peak_counter'] + '`)' if r['device_peak_counter'] else ''} |"
         for r in records)
-    where = f"{info['system']} {info['machine']} {info['cpu']}, {info['cores']} cores".strip()
+    where = f"{info['system']} {info['machine']} {info['cpu']}".strip() + f", {info['cores']} cores"
+    loads = [r["load_1min_before"] for r in records]
+    load = f" (1-min load {min(loads):.0f}-{max(loads):.0f} before the runs)" if loads else ""
     mac = info["system"] == "Darwin" and info["machine"] == "arm64"
     caveat = "" if mac else (
         "\n**This machine is not a Mac: MLX runs on its CPU build here (`mlx[cpu]`, reference BLAS), so these MLX "
         "numbers say nothing about MLX on Apple Silicon, and little about torch either (the CPU is shared with other "
-        "jobs).** They show that the comparison runs and what it measures; the Mac rows come from running the "
-        "command above on a Mac.\n")
+        "jobs).** They show that the comparison runs and what it measures; the Mac rows come from "
+        "`python -m benchmarks.bench_backends --size full` on a Mac.\n")
     what = "tiny architecture (`musetalk tiny-weights`)" if size == "tiny" else \
         "full-size architecture (850 M-parameter UNet, sd-vae-ft-mse; random weights)"
     return f"""## Backends: torch vs MLX ({size})
 
-`python -m benchmarks.bench_backends --size {size}` — {what}, {frames} frames (at least one batch) per measurement, the same weight files
-and inputs for both backends, each configuration in a fresh process. Model-only = UNet + VAE decode;
-end to end = `pipeline.stream` from a prepared avatar into an mp4. Machine: {where}; torch {info['torch']},
+`{command}` — {what}, {frames} frames (at least one batch) per measurement, the same
+weight files and inputs for both backends, each configuration in a fresh process. Model-only = UNet + VAE decode;
+end to end = `pipeline.stream` from a prepared avatar into an mp4. Machine: {where}{load}; torch {info['torch']},
 mlx {info.get('mlx')} on {info.get('mlx_device')}; torch stages on `{records[0]['device'] if records else '?'}`.
 {caveat}
 | backend | dtype | batch | model-only fps | end-to-end fps | peak RSS | peak backend memory |
@@ -194,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     (RESULTS / f"{name}.json").write_text(json.dumps({"what": f"torch vs MLX, {args.size} architecture",
                                                       "frames": args.frames, "machine": info,
                                                       "results": records}, indent=2))
-    markdown = table(records, args.size, args.frames, info)
+    command = "python -m benchmarks.bench_backends " + " ".join(argv if argv is not None else sys.argv[1:])
+    markdown = table(records, args.size, args.frames, info, command.strip())
     print(markdown)
     if not args.no_doc:
         write_section(name, markdown)
