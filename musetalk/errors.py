@@ -25,3 +25,10 @@ class InputError(MuseTalkError):
 
 class NoFaceError(InputError):
     """No face was found in any frame of the source."""
+
+
+class Cancelled(Exception):
+    """A run stopped because its hooks asked for it (:meth:`musetalk.hooks.RunHooks.cancelled`).
+
+    Not a :class:`MuseTalkError`: nothing was wrong with the input; the caller that cancelled knows why.
+    """

@@ -28,6 +28,7 @@ from typing import Any, ContextManager, Sequence
 import psutil
 import torch
 
+from musetalk.hooks import Hooks
 from musetalk.profiling.memory import BACKENDS, DEFAULT_INTERVAL, MemoryMonitor, as_device
 from musetalk.profiling.timing import FpsMeter, StageStats, StageTimer, order_stages
 
@@ -208,8 +209,9 @@ def compare(reports: Sequence[ProfileReport | str | os.PathLike], labels: Sequen
     return "\n".join(lines)
 
 
-class Profiler:
-    """Memory monitor + stage timer + fps meter for one run; pass it to ``generate``/``stream``/``prepare_avatar``.
+class Profiler(Hooks):
+    """Memory monitor + stage timer + fps meter for one run: run hooks (:mod:`musetalk.hooks`) for
+    ``generate``/``stream``/``prepare_avatar`` (``hooks=`` or ``profiler=``).
 
     ``with Profiler(device) as prof:`` starts memory sampling and the wall clock; ``prof.stage(name)`` and
     ``prof.frame_done()`` are what the pipeline calls (from any thread); ``prof.report()`` after (or during) it.

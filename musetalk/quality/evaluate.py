@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from musetalk.errors import InputError, NoFaceError, WeightsError
+from musetalk.weights.registry import WEIGHTS
 from musetalk.quality.track import CropConfig, Detection, TrackConfig
 
 if TYPE_CHECKING:  # torch-heavy modules are imported when a video is evaluated, not when the CLI is built
@@ -41,8 +42,8 @@ CROPS = ("s3fd", "landmarks", "none", "auto")
 VIDEO_SUFFIXES = {".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v"}
 FPS = 25
 SAMPLE_RATE = 16_000
-SYNCNET_FILE = "syncnet/syncnet_v2.model"  # musetalk download --syncnet puts it here, under the models folder
-SFD_FILE = "syncnet/sfd_face.pth"
+SYNCNET_FILE = WEIGHTS["syncnet"].dest  # musetalk download --syncnet puts it here, under the models folder
+SFD_FILE = WEIGHTS["s3fd"].dest
 CONTROL_SHIFT_SECONDS = 1.0  # well beyond the +-15 frames (0.6 s) searched, so the true alignment is out of reach
 
 

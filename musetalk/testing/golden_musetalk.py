@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from musetalk.testing.golden_common import StageResult, exact, frac_within, guarded, max_abs
+from musetalk.weights.registry import WEIGHTS
 
 TOL_AUDIO = 1e-4  # mel, audio windows, positional encoding, latents: max abs
 TOL_UNET = 1e-3
@@ -37,8 +38,7 @@ class _Set:
         self.extra_margin = int(inputs.get("extra_margin", 10 if self.version == "v15" else 0))
         self.n_unet = int(inputs.get("frames_used_for_unet", len(self.g["unet_input_latents"])))
         self.cheek = int(self.manifest.get("cheek_widths", 90 if self.version == "v15" else 80))
-        unet_file = self.manifest.get("unet_file", "musetalkV15/unet.pth" if self.version == "v15"
-                                      else "musetalk/pytorch_model.bin")
+        unet_file = self.manifest.get("unet_file", WEIGHTS[f"unet-{self.version}"].dest)
         self.unet_weights = set_dir / "models" / unet_file
         self.unet_config = self.unet_weights.parent / "musetalk.json"
         audio_rel = str(inputs.get("audio", "inputs/speech.wav")).split()[0]
@@ -65,7 +65,7 @@ class _Set:
                 self._cache[name] = UNet.from_pretrained(self.unet_config, self.unet_weights)
             elif name == "parser":
                 from musetalk.stages.parsing import FaceParser
-                self._cache[name] = FaceParser.from_pretrained(models / "face-parse-bisent" / "79999_iter.pth")
+                self._cache[name] = FaceParser.from_pretrained(models / WEIGHTS["face-parse"].dest)
         return self._cache[name]
 
     def face_box(self, coord: np.ndarray, frame_height: int) -> tuple[int, int, int, int]:

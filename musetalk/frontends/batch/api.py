@@ -15,6 +15,7 @@ from musetalk.config import GenerationConfig, preset
 from musetalk.errors import InputError
 
 if TYPE_CHECKING:  # torch-heavy: imported when a batch runs, not when the CLI is built
+    from musetalk.hooks import RunHooks
     from musetalk.stream.pipeline import MuseTalkPipeline
 
 
@@ -23,7 +24,7 @@ def run(jobs: str | os.PathLike | Iterable[Mapping[str, Any]], output_dir: str |
         ray: bool | str | None = None, workers: int | None = None, cpus_per_worker: float | None = None,
         retries: int = 1, collect: bool = False, skip_invalid: bool = False, summary: str | os.PathLike | None = None,
         progress: bool = True, base_dir: str | os.PathLike | None = None, pipeline: MuseTalkPipeline | None = None,
-        on_job_start: Callable[[JobStarted], None] | None = None) -> BatchReport:
+        on_job_start: Callable[[JobStarted], None] | None = None, hooks: RunHooks | None = None) -> BatchReport:
     """Generate one video per row of ``jobs`` into ``output_dir``; see the module docstring for the row format.
 
     config: batch-wide settings (version, runtime device / dtype / batch size, default crop / blend); rows override
@@ -36,6 +37,9 @@ def run(jobs: str | os.PathLike | Iterable[Mapping[str, Any]], output_dir: str |
     skip_invalid: run the valid rows when some are invalid (else BatchError lists them all and nothing runs).
     summary: the summary JSONL (default ``output_dir/summary.jsonl``), one line per row as it finishes.
     pipeline: an already loaded pipeline for local mode. on_job_start: called on the driver as each job starts.
+    hooks: run hooks (:mod:`musetalk.hooks`) for every job in local mode; when they cancel, the running job stops
+        cleanly, it and the pending rows are recorded as cancelled and :class:`~musetalk.errors.Cancelled`
+        propagates.
     Ctrl-C (KeyboardInterrupt) stops the batch: running and pending rows are recorded as cancelled, no partial
     video is left in ``output_dir``, and the KeyboardInterrupt propagates.
     """
@@ -64,7 +68,7 @@ def run(jobs: str | os.PathLike | Iterable[Mapping[str, Any]], output_dir: str |
             ready_at, count = _run_ray(valid, outputs, config, models, ray, workers, cpus_per_worker, retries,
                                        collect, on_job_start)
         elif valid:
-            ready_at, count = _run_local(valid, outputs, config, models, pipeline, on_job_start), 1
+            ready_at, count = _run_local(valid, outputs, config, models, pipeline, on_job_start, hooks), 1
     finally:
         outputs.close()
     return BatchReport(outputs.results, out, outputs.summary_path, time.perf_counter() - t0, ready_at - t0,

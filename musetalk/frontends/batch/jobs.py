@@ -7,24 +7,20 @@ import csv
 import json
 import os
 from collections import OrderedDict
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Hashable, Iterable, Mapping, Sequence
 
-from musetalk.config import BlendConfig, CropConfig, GenerationConfig, preset, with_overrides
+from musetalk.config import GenerationConfig, preset, with_overrides
+from musetalk.frontends.options import batch_wide_settings, row_settings
 from musetalk.errors import InputError
 
 JOB_FILE_SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
-# Row settings: every GenerationConfig field a row may change. Runtime fields (device, dtype, batch size) and
-# the version are set once for the batch because the models are loaded once.
-ROW_SETTINGS: dict[str, type] = {
-    **{f.name: {"int": int, "float": float, "str": str}[str(f.type)] for f in fields(CropConfig)},
-    **{f.name: {"int": int, "float": float, "str": str}[str(f.type)] for f in fields(BlendConfig)},
-    "fps": float,
-}
+# Row settings: every per-run setting of the config dataclasses (musetalk.frontends.options). Runtime fields
+# (device, dtype, batch size) and the version are set once for the batch because the models are loaded once.
+ROW_SETTINGS: dict[str, type] = row_settings()
 _ONCE = "it is set once for the whole batch: {} (or batch.run(config=...))"
-BATCH_WIDE = {"version": _ONCE.format("--version"), "device": _ONCE.format("--device"),
-              "dtype": _ONCE.format("--dtype"), "batch_size": _ONCE.format("--batch-size"),
+BATCH_WIDE = {**{s.name: _ONCE.format(s.flag) for s in batch_wide_settings()},
               "avatar": "remove the column: the batch names, prepares and reuses avatars itself"}
 _KIND_NAMES = {int: "a whole number", float: "a number", str: "text"}
 

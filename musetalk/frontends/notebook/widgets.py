@@ -32,6 +32,7 @@ import numpy as np
 
 from musetalk.frontends.notebook import viz
 from musetalk.errors import InputError
+from musetalk.hooks import Hooks
 
 if TYPE_CHECKING:
     from musetalk.stages.blending import BlendMaterial
@@ -279,10 +280,10 @@ class BboxShiftTuner:
         return f"BboxShiftTuner({self.source.name!r}: {self.describe()})"
 
 
-class LiveDashboard:
+class LiveDashboard(Hooks):
     """Progress, fps and memory of a running generation, redrawn every ``every`` output frames.
 
-    Pass it wherever the pipeline takes a profiler (``generate``/``stream``/``prepare_avatar``): it forwards
+    Run hooks (:mod:`musetalk.hooks`): pass it as ``hooks=`` to ``generate``/``stream``/``prepare_avatar``: it forwards
     ``stage`` and ``frame_done`` to the wrapped :class:`~musetalk.profiling.Profiler` and redraws from its data, so
     there is one code path with or without the dashboard. Redraws happen on the thread that calls ``frame_done``
     (the one iterating the stream) and at most every ``min_interval`` seconds (the plot costs ~0.1 s on a CPU);
@@ -314,6 +315,11 @@ class LiveDashboard:
         self.current_stage = name
         with self.profiler.stage(name, sync):
             yield
+
+    def progress(self, phase: str, done: int, total: int | None) -> None:
+        """Learn the number of output frames when generation starts (unless it was given)."""
+        if phase == "generate" and done == 0 and self.total is None:
+            self.total = total
 
     def frame_done(self) -> None:
         """Count one output frame; redraw every ``every`` frames (throttled) and at the last one."""

@@ -24,7 +24,8 @@ from musetalk.errors import MuseTalkError
 from musetalk.frontends.server.errors import ApiError, http_error
 from musetalk.frontends.server.jobs import GenerationService, Job, memory_figures
 from musetalk.frontends.server.schemas import MP4, ErrorBody, Health, JobStatus, ServiceInfo, ShutdownStatus, _errors
-from musetalk.frontends.server.settings import FORM_INT_BOUND, JOB_ID_PATTERN, POLL_S, Loader, ServerSettings
+from musetalk.frontends.options import overrides_from, with_form_settings
+from musetalk.frontends.server.settings import JOB_ID_PATTERN, POLL_S, Loader, ServerSettings
 from musetalk.frontends.server.uploads import BodyLimit
 
 if TYPE_CHECKING:
@@ -124,23 +125,18 @@ def _add_job_routes(app: FastAPI, service: GenerationService) -> None:
               responses={200: {"description": "the lip-synced video (H.264 + AAC)", **MP4},
                          202: {"model": JobStatus, "description": "queued (async=true)"},
                          **_errors(413, 415, 422, 429, 503)})
+    @with_form_settings  # + one form field per generation setting (bbox_shift, parsing_mode, ...): see options.py
     async def generate(
         request: Request,
         source: UploadFile = File(..., description="face image (png/jpg/bmp/webp/tiff) or video (mp4/mov/mkv/avi)"),
         audio: UploadFile = File(..., description="speech: wav/mp3/m4a/flac/ogg, or a video with sound"),
-        version: str | None = Form(None, description="v15 (default) or v1"),
-        bbox_shift: int | None = Form(None, ge=-FORM_INT_BOUND, le=FORM_INT_BOUND, description="px, + moves the "
-                                      "crop's upper edge down (more mouth opening)"),
-        extra_margin: int | None = Form(None, ge=-FORM_INT_BOUND, le=FORM_INT_BOUND, description="px below the chin"),
-        parsing_mode: str | None = Form(None, description="raw | jaw | neck"),
-        fps: float | None = Form(None, description="output fps for image sources (videos keep theirs)"),
-        batch_size: int | None = Form(None, ge=-FORM_INT_BOUND, le=FORM_INT_BOUND, description="frames per model call"),
         avatar: str | None = Form(None, description="name of a cached avatar to reuse or create (shared with the CLI)"),
         run_async: bool = Form(False, alias="async", description="return 202 and a job id instead of waiting"),
+        **settings: Any,
     ) -> Any:
         """Waits and answers the mp4 (X-Job-Id, X-Frames headers), or with async=true answers 202 at once."""
-        config = service.make_config(version, bbox_shift=bbox_shift, extra_margin=extra_margin,
-                                     parsing_mode=parsing_mode, fps=fps, batch_size=batch_size)
+        fields = overrides_from(settings)
+        config = service.make_config(fields.pop("version", None), **fields)
         job = await run_in_threadpool(service.submit, config, avatar, source.file, audio.file, not run_async)
         if run_async:
             return JSONResponse(service.status(job), status_code=202, headers={"Location": f"/jobs/{job.id}"})

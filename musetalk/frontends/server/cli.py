@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of ``musetalk serve`` (defaults from ServerSettings where it has one)."""
+    from musetalk.frontends.options import add_setting_flags
+
     p = parser
     p.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST}: this machine "
                    "only; 0.0.0.0 opens the API to the network)")
@@ -34,10 +36,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                    f"(default ${TOKEN_ENV}); without one, only loopback clients may shut the server down")
     p.add_argument("--version", default="v15", choices=["v15", "v1"], help="model version loaded at start and used "
                    "when a request names none (the other one loads on its first request, if its weights exist)")
-    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu) | cpu | cuda | mps")
-    p.add_argument("--dtype", default="auto", help="auto | fp32 | fp16 | bf16")
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "mlx"],
-                   help="UNet + VAE backend: auto (MLX on Apple Silicon when installed) | torch | mlx")
+    add_setting_flags(p, scopes=("process",))  # --device, --dtype, ...: as for generate
     p.add_argument("--queue-size", type=int, default=4, help="jobs that may wait behind the running one (then 429)")
     p.add_argument("--max-upload-mb", type=float, default=256, help="largest request body in MiB (then 413)")
     p.add_argument("--max-audio-seconds", type=float, default=900, help="longest audio accepted")
@@ -88,7 +87,8 @@ def run_serve(args: argparse.Namespace) -> int:
         raise MuseTalkError(f"the server needs fastapi, uvicorn and python-multipart ({exc.name} is missing)",
                             "pip install 'musetalk[server]'") from None
     settings = _settings(args)
-    loader = PipelineLoader(args.models, device=args.device, dtype=args.dtype, backend=args.backend)
+    loader = PipelineLoader(args.models, device=args.device or "auto", dtype=args.dtype or "auto",
+                            backend=args.backend or "auto")
     loader(args.version)  # load now: missing weights stop here with their fix, before the port opens
     sock = bind_socket(args.host, args.port)
     host, port = sock.getsockname()[:2]

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Literal
 
+from musetalk.frontends.options import FORM_INT_BOUND  # noqa: F401  (re-exported by musetalk.frontends.server)
+
 if TYPE_CHECKING:
     from musetalk.stream.pipeline import MuseTalkPipeline
 
@@ -15,9 +17,6 @@ SNIFF_BYTES = 64  # every signature below sits in the first 12 bytes; 64 leaves 
 COPY_CHUNK = 1 * MiB
 POLL_S = 0.1  # how often a synchronous request looks at its job (and, every 10th time, at its client)
 JOB_ID_PATTERN = r"^[0-9a-f]{32}$"
-# Transport-level bounds on the integer form fields: far outside any useful value, they only stop numbers that
-# would overflow the int32 arithmetic of the crop code. The useful ranges are checked by GenerationConfig.
-FORM_INT_BOUND = 4096
 
 Loader = Callable[[str], "MuseTalkPipeline"]
 JobState = Literal["queued", "running", "done", "failed", "cancelled"]
