@@ -9,6 +9,7 @@ at any size. The full 256x256 path is covered by the golden verifier test (marke
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from itertools import islice
@@ -184,7 +185,8 @@ def test_weights_cache_is_written_once_reused_and_invalidated(tiny_models: Path,
     from musetalk.weights import load_state_dict
 
     state = {k: v * 0.5 if k.startswith("decoder.conv_out") else v for k, v in load_state_dict(source).items()}
-    torch.save(state, source)
+    torch.save(state, source.with_suffix(".new"))  # replaced as a download would be: the loaded file is memory-mapped
+    os.replace(source.with_suffix(".new"), source)
     changed = MLXVAE.from_pretrained(models / "sd-vae").decode(inputs["small_latents"])
     assert conversions == [1, 1] and not cached.exists() and convert.cache_path(source).is_file()
     assert not np.array_equal(changed, first)
