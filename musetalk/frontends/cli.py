@@ -42,7 +42,7 @@ def _pipeline(args: argparse.Namespace, config: GenerationConfig | None = None) 
 
     config = config or _config(args)
     return MuseTalkPipeline.from_pretrained(args.models, version=config.version, device=config.runtime.device,
-                                            dtype=config.runtime.dtype)
+                                            dtype=config.runtime.dtype, backend=config.runtime.backend)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

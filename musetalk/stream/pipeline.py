@@ -95,12 +95,23 @@ class MuseTalkPipeline:
 
     @classmethod
     def from_pretrained(cls, models_dir: str | os.PathLike | None = None, version: str = "v15",
-                        device: str = "auto", dtype: str | torch.dtype = "auto") -> "MuseTalkPipeline":
-        """Load every model from an official ``models/`` folder; device/dtype resolved here, once."""
+                        device: str = "auto", dtype: str | torch.dtype = "auto",
+                        backend: str = "auto") -> "MuseTalkPipeline":
+        """Load every model from an official ``models/`` folder; device/dtype/backend resolved here, once.
+
+        ``backend``: torch | mlx | auto (MLX on Apple Silicon when installed): which implementation runs the UNet
+        and the VAE; the audio encoder and the face parser are torch models on ``device`` either way.
+        """
         from musetalk.stages.audio import AudioEncoder
+        from musetalk.stages.mlx import resolve_backend
         from musetalk.stages.parsing import FaceParser
-        from musetalk.stages.unet import UNet
-        from musetalk.stages.vae import VAE
+
+        if resolve_backend(backend) == "mlx":
+            from musetalk.stages.mlx.unet import MLXUNet as UNet
+            from musetalk.stages.mlx.vae import MLXVAE as VAE
+        else:
+            from musetalk.stages.unet import UNet  # type: ignore[assignment]
+            from musetalk.stages.vae import VAE  # type: ignore[assignment]
 
         models = Path(models_dir) if models_dir is not None else default_models_dir()
         parts = layout(version)
@@ -111,7 +122,8 @@ class MuseTalkPipeline:
                                DOWNLOAD_HINT.format(models=models))
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
-        log.info("loading MuseTalk %s from %s on %s (%s)", version, models, dev, dt)
+        log.info("loading MuseTalk %s from %s on %s (%s), UNet + VAE on %s", version, models, dev, dt,
+                 getattr(UNet, "backend", "torch"))
         # Whisper and the face parser run once per segment / source frame: keep them in fp32 for exactness
         return cls(AudioEncoder.from_pretrained(models / parts.whisper_dir, device=dev),
                    VAE.from_pretrained(models / parts.vae_dir, device=dev, dtype=dt),
