@@ -32,3 +32,7 @@ class Cancelled(Exception):
 
     Not a :class:`MuseTalkError`: nothing was wrong with the input; the caller that cancelled knows why.
     """
+
+
+class StorageError(MuseTalkError):
+    """Writing an output or a cache entry failed: disk full, file size limit, quota, permissions."""

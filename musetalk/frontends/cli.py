@@ -42,7 +42,7 @@ def _pipeline(args: argparse.Namespace, config: GenerationConfig | None = None) 
 
     config = config or _config(args)
     return MuseTalkPipeline.from_pretrained(args.models, version=config.version, device=config.runtime.device,
-                                            dtype=config.runtime.dtype)
+                                            dtype=config.runtime.dtype, backend=config.runtime.backend)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -244,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     try:
-        from musetalk.quality.evaluate import add_evaluate_arguments, run_evaluate
+        from musetalk.frontends.evaluate import add_evaluate_arguments, run_evaluate
     except ImportError:
         pass
     else:
@@ -273,17 +273,21 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     from musetalk.errors import MuseTalkError
+    from musetalk.frontends.signals import exit_status, interrupt_signal, signal_name, stop_signals_as_interrupt
 
-    try:
-        return int(args.func(args) or 0)
-    except MuseTalkError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
-        if exc.fix:
-            print(f"  fix: {exc.fix}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: no output was written", file=sys.stderr)
-        return 130
+    # SIGTERM / SIGHUP clean up like Ctrl-C (musetalk.frontends.signals); the except clauses run inside the block
+    with stop_signals_as_interrupt():
+        try:
+            return int(args.func(args) or 0)
+        except MuseTalkError as exc:
+            print(f"error: {exc.message}", file=sys.stderr)
+            if exc.fix:
+                print(f"  fix: {exc.fix}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM / SIGHUP as Terminated: exit 128 + signal
+            print(f"interrupted ({signal_name(interrupt_signal(exc))}): stopped cleanly, no partial file left",
+                  file=sys.stderr)
+            return exit_status(exc)
 
 
 if __name__ == "__main__":

@@ -25,14 +25,15 @@ def settings_for(*scopes: str) -> list[Setting]:
 
 def _describe(setting: Setting) -> str:
     choices = f" ({' | '.join(setting.choices)})" if setting.choices else ""
-    return f"{setting.help}{choices}; default: the version's preset ({setting.default!r} for v15)"
+    return f"{setting.help}{choices} (default: {setting.default}, or the version's preset)"
 
 
 # -- CLI ----------------------------------------------------------------------------------------------------------
 def add_setting_flags(parser: argparse.ArgumentParser, scopes: tuple[str, ...] = ("run", "batch", "process")) -> None:
     """One ``--flag`` per setting of ``scopes``; unset flags stay None so the version's preset decides."""
     for setting in settings_for(*scopes):
-        kwargs: dict[str, Any] = {"dest": setting.name, "default": None, "help": _describe(setting)}
+        kwargs: dict[str, Any] = {"dest": setting.name, "default": None,
+                                  "help": f"{setting.help} (default: {setting.default}, or the version's preset)"}
         if setting.choices:
             kwargs["choices"] = setting.choices
         if setting.type is bool:

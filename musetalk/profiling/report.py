@@ -43,6 +43,8 @@ PEAK_LABELS = {
     "cuda_memory_reserved": "CUDA reserved",
     "mps_current_allocated_memory": "MPS allocated",
     "mps_driver_allocated_memory": "MPS driver allocated",
+    "mlx_peak_memory": "MLX peak",
+    "mlx_cache_memory": "MLX cache",
     "system_available_min": "system available, lowest",
 }
 

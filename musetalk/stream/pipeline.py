@@ -29,6 +29,7 @@ import torch
 from musetalk.stages import audio as audio_stage
 from musetalk.stream.avatar import Avatar, AvatarMeta, AvatarWriter, avatar_key, cache_root, check_avatar_name, \
     hash_source, load_avatar
+from musetalk.stream.paths import check_output_not_input
 from musetalk.config import GenerationConfig, preset
 from musetalk.devices import resolve_device, resolve_dtype
 from musetalk.errors import InputError, NoFaceError, WeightsError
@@ -95,12 +96,23 @@ class MuseTalkPipeline:
 
     @classmethod
     def from_pretrained(cls, models_dir: str | os.PathLike | None = None, version: str = "v15",
-                        device: str = "auto", dtype: str | torch.dtype = "auto") -> "MuseTalkPipeline":
-        """Load every model from an official ``models/`` folder; device/dtype resolved here, once."""
+                        device: str = "auto", dtype: str | torch.dtype = "auto",
+                        backend: str = "auto") -> "MuseTalkPipeline":
+        """Load every model from an official ``models/`` folder; device/dtype/backend resolved here, once.
+
+        ``backend``: torch | mlx | auto (MLX on Apple Silicon when installed): which implementation runs the UNet
+        and the VAE; the audio encoder and the face parser are torch models on ``device`` either way.
+        """
         from musetalk.stages.audio import AudioEncoder
+        from musetalk.stages.mlx import resolve_backend
         from musetalk.stages.parsing import FaceParser
-        from musetalk.stages.unet import UNet
-        from musetalk.stages.vae import VAE
+
+        if resolve_backend(backend) == "mlx":
+            from musetalk.stages.mlx.unet import MLXUNet as UNet
+            from musetalk.stages.mlx.vae import MLXVAE as VAE
+        else:
+            from musetalk.stages.unet import UNet  # type: ignore[assignment]
+            from musetalk.stages.vae import VAE  # type: ignore[assignment]
 
         models = Path(models_dir) if models_dir is not None else default_models_dir()
         parts = layout(version)
@@ -111,7 +123,8 @@ class MuseTalkPipeline:
                                DOWNLOAD_HINT.format(models=models))
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
-        log.info("loading MuseTalk %s from %s on %s (%s)", version, models, dev, dt)
+        log.info("loading MuseTalk %s from %s on %s (%s), UNet + VAE on %s", version, models, dev, dt,
+                 getattr(UNet, "backend", "torch"))
         # Whisper and the face parser run once per segment / source frame: keep them in fp32 for exactness
         return cls(AudioEncoder.from_pretrained(models / parts.whisper_dir, device=dev),
                    VAE.from_pretrained(models / parts.vae_dir, device=dev, dtype=dt),
@@ -365,6 +378,7 @@ class MuseTalkPipeline:
             raise InputError(f"output folder {parent} does not exist", f"create it: mkdir -p {parent}")
         if not os.access(parent, os.W_OK):
             raise InputError(f"cannot write to {parent}", "choose a writable output folder")
+        check_output_not_input(output, {"source": source, "audio": audio})  # else the rename would replace it
 
     def generate(self, source: str | os.PathLike, audio: str | os.PathLike, output: str | os.PathLike,
                  config: GenerationConfig | None = None, avatar: str | None = None, progress: bool = True,

@@ -7,12 +7,13 @@ import hmac
 import ipaddress
 import logging
 import os
+import re
 import signal
 import time
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
-from fastapi import FastAPI, File, Form, Path as PathParam, Query, Request, UploadFile
+from fastapi import FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
@@ -100,7 +101,9 @@ def _add_info_routes(app: FastAPI, service: GenerationService) -> None:
                 "models": {"loaded": service.loaded_versions(), "default": settings.default_version},
                 "limits": {"queue_size": settings.queue_size, "max_upload_bytes": settings.max_upload_bytes,
                            "max_audio_seconds": settings.max_audio_seconds, "max_batch_size": settings.max_batch_size,
-                           "result_ttl_s": settings.result_ttl_s}}
+                           "result_ttl_s": settings.result_ttl_s, "max_source_frames": settings.max_source_frames,
+                           "max_source_pixels": settings.max_source_pixels,
+                           "max_source_seconds": settings.max_source_seconds}}
 
     @app.get("/health", response_model=Health, responses=_errors(503), summary="Liveness and memory")
     def health() -> JSONResponse:
@@ -127,7 +130,7 @@ def _add_job_routes(app: FastAPI, service: GenerationService) -> None:
     @app.post("/generate", summary="Lip-sync a source (image or video) to an audio file",
               responses={200: {"description": "the lip-synced video (H.264 + AAC)", **MP4},
                          202: {"model": JobStatus, "description": "queued (async=true)"},
-                         **_errors(413, 415, 422, 429, 503)})
+                         **_errors(413, 415, 422, 429, 503, 507)})
     @with_form_settings  # + one form field per generation setting (bbox_shift, parsing_mode, ...): see options.py
     async def generate(
         request: Request,
@@ -145,27 +148,38 @@ def _add_job_routes(app: FastAPI, service: GenerationService) -> None:
             return JSONResponse(service.status(job), status_code=202, headers={"Location": f"/jobs/{job.id}"})
         return await _wait_for(request, service, job)
 
-    @app.get("/jobs/{job_id}", response_model=JobStatus, responses=_errors(404, 422), summary="State of a job")
-    def job_status(job_id: str = PathParam(..., pattern=JOB_ID_PATTERN)) -> dict[str, Any]:
+    # Job ids are not validated as request parameters (that answered 422): any id that is not one of ours, well-formed
+    # or not, is simply unknown -> 404 with the usual error body.
+    @app.get("/jobs/{job_id}", response_model=JobStatus, responses=_errors(404), summary="State of a job")
+    def job_status(job_id: str) -> dict[str, Any]:
         """State, stage, queue position, progress, speed and error of a job."""
-        return service.status(service.get(job_id))
+        return service.status(find_job(service, job_id))
 
     @app.get("/jobs/{job_id}/result", response_class=FileResponse, summary="The mp4 of a finished job",
-             responses={200: {"description": "the lip-synced video", **MP4}, **_errors(404, 409, 422)})
-    def job_result(job_id: str = PathParam(..., pattern=JOB_ID_PATTERN)) -> FileResponse:
+             responses={200: {"description": "the lip-synced video", **MP4}, **_errors(404, 409)})
+    def job_result(job_id: str) -> FileResponse:
         """The mp4 of a done job; 409 while it is queued or running, or when it failed or was cancelled."""
-        job = service.get(job_id)
+        job = find_job(service, job_id)
         if job.state != "done":
             reason = f": {job.error.message}" if job.error else ""
             raise ApiError(409, "not_ready" if not job.done.is_set() else f"job_{job.state}",
                            f"job {job_id} is {job.state}{reason}", "poll GET /jobs/{id} until state is done")
         return FileResponse(job.result, media_type="video/mp4", filename=f"musetalk-{job_id[:8]}.mp4")
 
-    @app.delete("/jobs/{job_id}", response_model=JobStatus, responses=_errors(404, 422),
+    @app.delete("/jobs/{job_id}", response_model=JobStatus, responses=_errors(404),
                 summary="Cancel a job (queued or running), or delete a finished one and its result")
-    def cancel_job(job_id: str = PathParam(..., pattern=JOB_ID_PATTERN)) -> dict[str, Any]:
+    def cancel_job(job_id: str) -> dict[str, Any]:
         """A queued job is cancelled at once, a running one at its next frame; a finished one is deleted."""
-        return service.status(service.cancel(job_id))
+        return service.status(service.cancel(find_job(service, job_id).id))
+
+
+def find_job(service: GenerationService, job_id: str) -> Job:
+    """The job ``job_id`` names, or ApiError 404 for any other id: unknown, expired, deleted or malformed (a
+    malformed one is not echoed back: it may be huge or hold control characters)."""
+    if re.fullmatch(JOB_ID_PATTERN, job_id) is None:
+        raise ApiError(404, "unknown_job", "no such job (job ids are 32 lowercase hex digits)",
+                       "use the id that POST /generate answered")
+    return service.get(job_id)
 
 
 async def _wait_for(request: Request, service: GenerationService, job: Job) -> Any:

@@ -22,7 +22,7 @@ from typing import IO, TYPE_CHECKING, Any
 from musetalk.config import GenerationConfig
 from musetalk.errors import MuseTalkError
 from musetalk.frontends.server.errors import ApiError, redact
-from musetalk.frontends.server.uploads import store_upload
+from musetalk.frontends.server.uploads import check_media_limits, store_upload
 
 if TYPE_CHECKING:
     from musetalk.frontends.server.jobs import GenerationService
@@ -70,6 +70,9 @@ class AvatarStore:
         folder = Path(tempfile.mkdtemp(prefix="avatar-upload-", dir=self.service.root))
         try:
             path, _ = store_upload(source, folder, "source")
+            # the source limits of /generate (pixels, frames, seconds; headers only). The source stands in for the
+            # audio too: a source within max_source_seconds (900 s by default) passes the audio check
+            check_media_limits(path, path, self.service.settings)
             with self._prepare_lock:
                 self._check_room()
                 pipe = self.service.pipeline(config.version)

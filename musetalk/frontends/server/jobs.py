@@ -19,7 +19,7 @@ from musetalk.errors import Cancelled, InputError, MuseTalkError, WeightsError
 from musetalk.hooks import Hooks
 from musetalk.frontends.server.errors import ApiError, JobCancelled, http_error, redact
 from musetalk.frontends.server.settings import RESULT_NAME, JobState, Loader, ServerSettings
-from musetalk.frontends.server.uploads import store_upload
+from musetalk.frontends.server.uploads import check_media_limits, store_upload
 
 if TYPE_CHECKING:
     from musetalk.stream.pipeline import MuseTalkPipeline
@@ -220,6 +220,7 @@ class GenerationService:
             source_path, _ = store_upload(source, folder, "source")
             audio_path, _ = store_upload(audio, folder, "audio")
             try:
+                check_media_limits(source_path, audio_path, self.settings)  # headers only, before any decoding
                 self._check_media(source_path, audio_path, config)
             except MuseTalkError as exc:
                 raise redact(exc, folder) from None
@@ -408,12 +409,14 @@ class PipelineLoader:
     mutable; a second version costs its full memory.
     """
 
-    def __init__(self, models_dir: str | os.PathLike | None, device: str = "auto", dtype: str = "auto") -> None:
+    def __init__(self, models_dir: str | os.PathLike | None, device: str = "auto", dtype: str = "auto",
+                 backend: str = "auto") -> None:
         from musetalk.weights import default_models_dir
 
         self.models_dir = Path(models_dir) if models_dir is not None else default_models_dir()
         self.device = device
         self.dtype = dtype
+        self.backend = backend
         self._loaded: dict[str, MuseTalkPipeline] = {}
         self._lock = threading.Lock()
 
@@ -434,7 +437,8 @@ class PipelineLoader:
             if version not in self._loaded:
                 self.check(version)
                 self._loaded[version] = MuseTalkPipeline.from_pretrained(self.models_dir, version=version,
-                                                                         device=self.device, dtype=self.dtype)
+                                                                         device=self.device, dtype=self.dtype,
+                                                                         backend=self.backend)
             return self._loaded[version]
 
 
