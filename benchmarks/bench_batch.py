@@ -46,7 +46,7 @@ def make_inputs(folder: Path) -> Path:
     import numpy as np
 
     from musetalk.stages.audio import load_audio
-    from musetalk.testing.tiny import write_tiny_models
+    from musetalk.stages.tiny import write_tiny_models
     from musetalk.stream.video import VideoWriter, open_frames
 
     write_tiny_models(folder / "models", full_size=FULL)

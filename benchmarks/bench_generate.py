@@ -135,7 +135,7 @@ def full_size_pipeline(dtype: str):
     from musetalk.devices import resolve_dtype
     from musetalk.stages.parsing import BiSeNet, FaceParser
     from musetalk.stream.pipeline import MuseTalkPipeline
-    from musetalk.testing.tiny import FULL_UNET, FULL_VAE, WHISPER_PREPROCESSOR, build_unet, build_vae
+    from musetalk.stages.tiny import FULL_UNET, FULL_VAE, WHISPER_PREPROCESSOR, build_unet, build_vae
     from musetalk.stages.unet import UNet
     from musetalk.stages.vae import VAE
 
@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     RESULTS.mkdir(parents=True, exist_ok=True)
     if "memory" in args.which:
-        from musetalk.testing.tiny import write_tiny_models
+        from musetalk.stages.tiny import write_tiny_models
 
         models = args.models or write_tiny_models(Path(tempfile.mkdtemp()) / "models")
         result = bench_memory(models)

@@ -17,13 +17,21 @@ SILENCE_MODES = ("off", "source", "closed")
 SMOOTHING_MODES = ("off", "one_euro")
 
 
-def option(default: Any, help: str, *, choices: tuple[str, ...] | None = None, user: bool = True) -> Any:
+SCOPES = ("run", "batch", "process")
+
+
+def option(default: Any, help: str, *, choices: tuple[str, ...] | None = None, scope: str = "run",
+           user: bool = True) -> Any:
     """A config field that is also a user-facing setting: one place says its name, type, default and help.
 
     The CLI flags (``--bbox-shift``), the server's form fields and the batch columns (``bbox_shift``) are all
-    derived from these fields (see :func:`user_settings`); ``user=False`` keeps a field out of the front ends.
+    derived from these fields (see :func:`user_settings` and ``musetalk.frontends.options``). ``scope`` says
+    where a setting may change: ``run`` (every run: CLI flag, server form field, batch column), ``batch``
+    (once per batch: CLI flag and server form field, not a batch column) or ``process`` (the models are built
+    for it: a CLI flag only). ``user=False`` keeps a field out of the front ends.
     """
-    return field(default=default, metadata={"help": help, "choices": choices, "user": user})
+    assert scope in SCOPES, scope
+    return field(default=default, metadata={"help": help, "choices": choices, "scope": scope, "user": user})
 
 
 @dataclass(frozen=True)
@@ -36,6 +44,7 @@ class Setting:
     default: Any
     help: str
     choices: tuple[str, ...] | None
+    scope: str  # run | batch | process (see option)
 
     @property
     def flag(self) -> str:
@@ -63,10 +72,9 @@ class BlendConfig:
     parsing_mode: str = option("jaw", "which face-parsing classes form the paste mask", choices=PARSING_MODES)
     left_cheek_width: int = option(90, "px (in the 512 parsing space) kept from the source on the left in jaw mode")
     right_cheek_width: int = option(90, "same, right side")
-    expand: float = option(1.5, "the parsed square is this much larger than the face box", user=False)
-    upper_boundary_ratio: float = option(0.5, "top fraction of the mask cleared (the upper face is kept)", user=False)
-    blur_factor: float = option(0.05, "mask edge blur, fraction of the crop width: 0.05 as inference.py (realtime: 0.1)",
-                               user=False)
+    expand: float = option(1.5, "the parsed square is this much larger than the face box")
+    upper_boundary_ratio: float = option(0.5, "top fraction of the mask cleared (the upper face is kept)")
+    blur_factor: float = option(0.05, "mask edge blur, fraction of the crop width: 0.05 as inference.py (realtime: 0.1)")
 
 
 @dataclass(frozen=True)
@@ -78,24 +86,27 @@ class SilenceConfig:
     silence_threshold: float = option(0.5, "speech probability (0..1) below which audio counts as silence")
     silence_min_s: float = option(0.3, "s; shorter pauses keep the generated mouth")
     silence_frame: int = option(-1, "closed mode: source frame to show; -1 picks the most closed mouth")
-    silence_fade: int = option(3, "frames of cross-fade at each edge of a pause", user=False)
+    silence_fade: int = option(3, "frames of cross-fade at each edge of a pause")
 
 
 @dataclass(frozen=True)
 class RuntimeConfig:
     """Where and how the models run."""
 
-    device: str = option("auto", "auto (cuda > mps > cpu) | cpu | cuda | mps", choices=("auto", "cpu", "cuda", "mps"))
-    dtype: str = option("auto", "model dtype (auto: bf16 on CPUs with native bf16, fp16 on GPUs)",
-                        choices=("auto", "fp32", "fp16", "bf16"))
-    batch_size: int = option(8, "frames per UNet + VAE call")
+    device: str = option("auto", "where the models run (auto: cuda > mps > cpu)", choices=("auto", "cpu", "cuda", "mps"),
+                         scope="process")
+    dtype: str = option("auto", "model dtype (auto: fp16 on GPUs, bf16 on CPUs with native bf16, else fp32)",
+                        choices=("auto", "fp32", "fp16", "bf16"), scope="process")
+    batch_size: int = option(8, "frames per UNet + VAE call", scope="batch")
+    backend: str = option("auto", "UNet + VAE backend (auto: MLX on Apple Silicon when installed, else torch)",
+                          choices=("auto", "torch", "mlx"), scope="process")
 
 
 @dataclass(frozen=True)
 class GenerationConfig:
     """Everything one generation run needs besides the inputs and the weights."""
 
-    version: str = option("v15", "MuseTalk version: picks the UNet file and the preset", choices=VERSIONS)
+    version: str = option("v15", "MuseTalk version: picks the UNet file and the preset", choices=VERSIONS, scope="batch")
     fps: float = option(25.0, "output frame rate for image / folder sources (videos keep their own)")
     crop: CropConfig = field(default_factory=CropConfig)
     blend: BlendConfig = field(default_factory=BlendConfig)
@@ -110,6 +121,8 @@ class GenerationConfig:
             raise InputError(f"unknown parsing mode {self.blend.parsing_mode!r}", f"use one of {', '.join(PARSING_MODES)}")
         if not 1 <= self.fps <= 120:
             raise InputError(f"fps {self.fps} is out of range", "use an fps between 1 and 120")
+        if self.runtime.backend not in ("auto", "torch", "mlx"):
+            raise InputError(f"unknown backend {self.runtime.backend!r}", "use auto, torch or mlx")
         if self.runtime.batch_size < 1:
             raise InputError("batch size must be at least 1", "use --batch-size 1 or more")
         if self.crop.extra_margin < 0:
@@ -154,8 +167,8 @@ def preset(version: str = "v15", **overrides: object) -> GenerationConfig:
 
 def with_overrides(config: GenerationConfig, **overrides: object) -> GenerationConfig:
     """A copy with fields replaced by name, wherever they live; None values are ignored; unknown names raise."""
-    parts = {name: getattr(config, name) for name in _PARTS}
-    top: dict[str, object] = {}
+    parts: dict[str, Any] = {name: getattr(config, name) for name in _PARTS}
+    top: dict[str, Any] = {}
     for key, value in overrides.items():
         if value is None:
             continue
@@ -185,7 +198,8 @@ def user_settings() -> list[Setting]:
                 continue
             default = f.default if f.default is not MISSING else None
             typ = f.type if isinstance(f.type, type) else _TYPES[str(f.type)]
-            out.append(Setting(f.name, part_name, typ, default, f.metadata["help"], f.metadata.get("choices")))
+            out.append(Setting(f.name, part_name, typ, default, f.metadata["help"], f.metadata.get("choices"),
+                               f.metadata.get("scope", "run")))
     return out
 
 

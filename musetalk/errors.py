@@ -25,3 +25,14 @@ class InputError(MuseTalkError):
 
 class NoFaceError(InputError):
     """No face was found in any frame of the source."""
+
+
+class Cancelled(Exception):
+    """A run stopped because its hooks asked for it (:meth:`musetalk.hooks.RunHooks.cancelled`).
+
+    Not a :class:`MuseTalkError`: nothing was wrong with the input; the caller that cancelled knows why.
+    """
+
+
+class StorageError(MuseTalkError):
+    """Writing an output or a cache entry failed: disk full, file size limit, quota, permissions."""

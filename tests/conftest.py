@@ -29,7 +29,7 @@ def v15_golden() -> Path:
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A complete tiny models/ folder in the official layout (written once per test session)."""
-    from musetalk.testing.tiny import write_tiny_models
+    from musetalk.stages.tiny import write_tiny_models
 
     return write_tiny_models(tmp_path_factory.mktemp("models"))
 

@@ -260,3 +260,55 @@ def test_ray_replaces_a_killed_actor_and_retries_its_job(local_run: dict, ray_ru
     for name in FRAMES:
         assert np.array_equal(_frames(tmp_path / "out" / name), _frames(local_run["out"] / name)), name
     assert not _hidden(tmp_path / "out")  # neither the killed job's partial file nor the staging folder is left
+
+
+# -- SIGTERM / SIGHUP (issue #11): as clean as Ctrl-C ---------------------------------------------------------------
+def test_ray_init_cannot_take_sigterm_away_from_the_cli() -> None:
+    """ray.init installs its own SIGTERM handler (sys.exit(15): no cleanup message, status 15); _connect takes the
+    CLI's back."""
+    from musetalk.frontends.batch.ray_mode import _connect
+    from musetalk.frontends.signals import stop_signals_as_interrupt
+
+    class FakeRay:  # what ray.init does to the driver's SIGTERM handler, without starting Ray
+        @staticmethod
+        def is_initialized() -> bool:
+            return False
+
+        @staticmethod
+        def init(**_kwargs) -> None:
+            signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(signum))
+
+    with stop_signals_as_interrupt():
+        ours = signal.getsignal(signal.SIGTERM)
+        assert _connect(FakeRay, True) is True
+        assert signal.getsignal(signal.SIGTERM) is ours
+
+
+def test_ray_batch_stops_cleanly_on_sigterm(inputs: Path, ray_runtime: Path, tiny_models: Path,
+                                            tmp_path: Path) -> None:
+    """SIGTERM on the driver mid-job: a KeyboardInterrupt (Ray re-raises our Terminated as a plain one when the signal
+    lands in ray.wait; the exit status still says SIGTERM), rows cancelled, actors stopped, no file left."""
+    from musetalk.frontends.signals import exit_status, stop_signals_as_interrupt
+
+    out = tmp_path / "out"
+
+    def terminate_when_encoding(event: batch.JobStarted) -> None:
+        def watch() -> None:
+            deadline = time.monotonic() + 180
+            while time.monotonic() < deadline and not any(event.staged.parent.glob("*")):
+                time.sleep(0.02)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        if event.attempt == 1 and not getattr(terminate_when_encoding, "armed", False):
+            terminate_when_encoding.armed = True
+            threading.Thread(target=watch, daemon=True).start()
+
+    with stop_signals_as_interrupt():
+        with pytest.raises(KeyboardInterrupt) as info:
+            batch.run(inputs / "jobs.csv", out, config=preset("v15", device="cpu", dtype="fp32"), models=tiny_models,
+                      ray=True, workers=1, skip_invalid=True, progress=False, on_job_start=terminate_when_encoding)
+        status = exit_status(info.value)  # read inside the block, as the CLI does
+    assert status == 128 + signal.SIGTERM
+    assert not list(out.glob("*.mp4")) and not _hidden(out)
+    states = {row: records[0]["state"] for row, records in _summary(out / "summary.jsonl").items()}
+    assert states == {2: "cancelled", 3: "cancelled", 4: "cancelled", 5: "invalid"}

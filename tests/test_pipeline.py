@@ -246,7 +246,7 @@ def test_temporary_avatars_clean_up_after_themselves(pipe: MuseTalkPipeline) -> 
 def test_avatar_cache_key_follows_the_vae_weights_and_dtype(pipe: MuseTalkPipeline, tiny_models: Path,
                                                             tmp_path: Path) -> None:
     """Latents depend on the VAE: other weights (or another dtype) must not reuse a cached avatar."""
-    from musetalk.testing.tiny import write_tiny_models
+    from musetalk.stages.tiny import write_tiny_models
 
     config = pipe.default_config()
     first = pipe.prepare_avatar(SAMPLES / "face.png", config, name="keyed")

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from musetalk.errors import InputError, NoFaceError, WeightsError
+from musetalk.frontends import evaluate as cli
 from musetalk.quality import evaluate as ev
 from musetalk.quality.evaluate import EvaluateConfig, LSEResult, evaluate_video
 from musetalk.quality.track import Detection, TrackConfig
@@ -174,11 +175,11 @@ def test_cli_folder_table_and_json(clips, tmp_path, capsys):
     write_clip(folder / "a.mkv", _pattern(12), _pattern(12))
     (folder / "broken.mp4").write_bytes(b"not a video")
     parser = argparse.ArgumentParser()
-    ev.add_evaluate_arguments(parser)
+    cli.add_evaluate_arguments(parser)
     out = tmp_path / "scores.json"
     args = parser.parse_args([str(folder), "--syncnet", str(weights), "--crop", "none", "--json", str(out),
                               "--device", "cpu", "--controls"])
-    assert ev.run_evaluate(args) == 1  # one video could not be scored
+    assert cli.run_evaluate(args) == 1  # one video could not be scored
     table = capsys.readouterr().out
     assert "a.mkv" in table and "broken.mp4" in table and "error" in table
     data = json.loads(out.read_text())
@@ -216,7 +217,7 @@ def test_a_batch_summary_scores_its_finished_videos(tmp_path):
                                                                                "state": "failed"}]
     summary = tmp_path / "summary.jsonl"
     summary.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
-    assert ev._videos(summary) == [tmp_path / "a.mp4", tmp_path / "b.mp4"]
+    assert cli._videos(summary) == [tmp_path / "a.mp4", tmp_path / "b.mp4"]
     summary.write_text(json.dumps({"row": 1, "state": "failed", "output": None}) + "\n")
     with pytest.raises(InputError, match="no finished videos"):
-        ev._videos(summary)
+        cli._videos(summary)

@@ -188,7 +188,7 @@ def test_form_fields_are_config_fields() -> None:
     import inspect
     import typing
 
-    from musetalk.config import BlendConfig, CropConfig, GenerationConfig, RuntimeConfig, SilenceConfig
+    from musetalk.config import BlendConfig, CropConfig, GenerationConfig, RuntimeConfig
     from musetalk.frontends.server import create_app
 
     class _Pipe:  # create_app does not touch the pipeline until the app starts
@@ -196,17 +196,22 @@ def test_form_fields_are_config_fields() -> None:
 
         def stream(self) -> None: ...
 
+    from musetalk.frontends.options import settings_for
+
     app = create_app(_Pipe())
     endpoint = next(r.endpoint for r in app.routes if getattr(r, "path", "") == "/generate")
-    hints = typing.get_type_hints(endpoint)
     config_types = {}
-    for cls in (GenerationConfig, CropConfig, BlendConfig, SilenceConfig, RuntimeConfig):
+    for cls in (GenerationConfig, CropConfig, BlendConfig, RuntimeConfig):
         config_types.update({k: v for k, v in typing.get_type_hints(cls).items()})
-    transport = {"request", "source", "audio", "avatar", "run_async", "return", "version"}
-    settings = [name for name in inspect.signature(endpoint).parameters if name not in transport]
-    assert set(settings) == {"bbox_shift", "extra_margin", "parsing_mode", "fps", "batch_size", "silence", "smoothing"}
+    transport = {"request", "source", "audio", "avatar", "run_async", "return"}
+    params = inspect.signature(endpoint).parameters
+    settings = [name for name in params if name not in transport]
+    # every per-run and per-batch setting of the config dataclasses, and nothing else (device/dtype are the server's)
+    assert set(settings) == {s.name for s in settings_for("run", "batch")}
+    assert {"bbox_shift", "extra_margin", "parsing_mode", "fps", "batch_size", "version"} <= set(settings)
+    assert "device" not in settings and "dtype" not in settings
     for name in settings:
-        assert hints[name] == typing.Optional[config_types[name]], name
+        assert params[name].annotation == typing.Optional[config_types[name]], name
 
 
 def test_shutdown_authorization_rules() -> None:
@@ -368,13 +373,20 @@ def test_bad_requests_get_clear_4xx(client: httpx.Client, server, name: str, upl
     assert client.get("/health").json()["worker_alive"]
 
 
-def test_unknown_jobs(client: httpx.Client) -> None:
-    unknown = "0" * 32
-    for method, path in (("GET", f"/jobs/{unknown}"), ("GET", f"/jobs/{unknown}/result"),
-                         ("DELETE", f"/jobs/{unknown}")):
+# ids that are not ours: unknown but well-formed, and malformed ones (were 422 before: a pattern on the path)
+NOT_OUR_IDS = ["0" * 32, "..%2F..%2Fetc", "abc", "0" * 31 + "G", "A" * 32, "0" * 32 + "%0A", "%00", "%C3%A9t%C3%A9",
+               "x" * 5000, "-1", "%20"]
+
+
+@pytest.mark.parametrize("job_id", NOT_OUR_IDS, ids=range(len(NOT_OUR_IDS)))
+def test_jobs_that_are_not_ours_are_404(client: httpx.Client, job_id: str) -> None:
+    for method, path in (("GET", f"/jobs/{job_id}"), ("GET", f"/jobs/{job_id}/result"),
+                         ("DELETE", f"/jobs/{job_id}")):
         response = client.request(method, path)
-        assert response.status_code == 404 and response.json()["error"] == "unknown_job"
-    assert client.get("/jobs/..%2F..%2Fetc").status_code in (404, 422)
+        body = response.json()
+        assert response.status_code == 404, (method, path, body)
+        assert set(body) >= {"error", "message", "fix"} and body["error"] in ("unknown_job", "not_found"), body
+        assert len(response.text) < 1000, "a malformed id is not echoed back"
 
 
 def test_server_healthy_after_bad_inputs(client: httpx.Client, server) -> None:

@@ -10,54 +10,39 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from musetalk.config import GenerationConfig
+    from musetalk.stream.pipeline import MuseTalkPipeline
 
 REPO_SAMPLES = Path(__file__).resolve().parents[2] / "samples"
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", type=Path, default=None, help="models folder (default: $MUSETALK_MODELS or ./models)")
-    p.add_argument("--version", default="v15", help="v15 (default) or v1")
-    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu) | cpu | cuda | mps")
-    p.add_argument("--dtype", default="auto", help="auto | fp32 | fp16 | bf16")
-    p.add_argument("--batch-size", type=int, default=None, help="frames per UNet/VAE call (default 8)")
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--bbox-shift", type=int, default=None, help="px; moves the crop's upper edge (+ = down)")
-    p.add_argument("--extra-margin", type=int, default=None, help="px below the chin (v15 default 10)")
-    p.add_argument("--parsing-mode", choices=["raw", "jaw", "neck"], default=None)
-    p.add_argument("--left-cheek-width", type=int, default=None)
-    p.add_argument("--right-cheek-width", type=int, default=None)
-    p.add_argument("--fps", type=float, default=None, help="output fps for image/folder sources (default 25)")
-    p.add_argument("--landmarks", choices=["dlib", "face_alignment", "dwpose"], default=None)
-    for setting in _derived_settings():
-        p.add_argument(setting.flag, type=setting.type, choices=setting.choices, default=None,
-                       help=f"{setting.help} (default {setting.default})")
+    from musetalk.frontends.options import add_setting_flags
+
+    add_setting_flags(p)  # --version, --bbox-shift, --device, ...: derived from the config dataclasses
 
 
-def _derived_settings():
-    """Settings whose flags are made from their config fields (silence handling, crop smoothing)."""
-    from musetalk.config import user_settings
-
-    return [s for s in user_settings() if s.name.startswith(("silence", "smoothing"))]
-
-
-def _config(args: argparse.Namespace):
+def _config(args: argparse.Namespace) -> GenerationConfig:
     from musetalk.config import preset
+    from musetalk.frontends.options import overrides_from
 
-    derived = {s.name: getattr(args, s.name, None) for s in _derived_settings()}
-    return preset(args.version, **derived, bbox_shift=getattr(args, "bbox_shift", None),
-                  extra_margin=getattr(args, "extra_margin", None), parsing_mode=getattr(args, "parsing_mode", None),
-                  left_cheek_width=getattr(args, "left_cheek_width", None),
-                  right_cheek_width=getattr(args, "right_cheek_width", None), fps=getattr(args, "fps", None),
-                  landmarks=getattr(args, "landmarks", None), batch_size=args.batch_size, device=args.device,
-                  dtype=args.dtype)
+    settings = overrides_from(args)
+    return preset(settings.pop("version", "v15"), **settings)
 
 
-def _pipeline(args: argparse.Namespace):
+def _pipeline(args: argparse.Namespace, config: GenerationConfig | None = None) -> MuseTalkPipeline:
     from musetalk.stream.pipeline import MuseTalkPipeline
 
-    return MuseTalkPipeline.from_pretrained(args.models, version=args.version, device=args.device, dtype=args.dtype)
+    config = config or _config(args)
+    return MuseTalkPipeline.from_pretrained(args.models, version=config.version, device=config.runtime.device,
+                                            dtype=config.runtime.dtype, backend=config.runtime.backend)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -65,7 +50,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     config = _config(args)
     MuseTalkPipeline.check_inputs(args.source, args.audio, args.output)  # before the (slow) model loading
-    pipe = _pipeline(args)
+    pipe = _pipeline(args, config)
     profiler = None
     if args.profile:
         from musetalk.profiling import Profiler
@@ -75,7 +60,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         result = pipe.generate(args.source, args.audio, args.output, config, avatar=args.avatar,
                                progress=not args.quiet, profiler=profiler)
     if profiler is not None:
-        report = profiler.report(meta={"command": "generate", "version": args.version, "dtype": str(pipe.dtype),
+        report = profiler.report(meta={"command": "generate", "version": config.version, "dtype": str(pipe.dtype),
                                         "batch_size": config.runtime.batch_size, "source": str(args.source)})
         report.save(args.profile)
         print(report.markdown())
@@ -98,8 +83,9 @@ def cmd_avatar(args: argparse.Namespace) -> int:
     from musetalk.stream.avatar import cache_root, check_avatar_name, list_avatars
 
     if args.avatar_cmd == "prepare":
-        pipe = _pipeline(args)
-        avatar = pipe.prepare_avatar(args.source, _config(args), name=args.name, force=args.force, progress=True)
+        config = _config(args)
+        pipe = _pipeline(args, config)
+        avatar = pipe.prepare_avatar(args.source, config, name=args.name, force=args.force, progress=True)
         print(f"avatar {args.name}: {len(avatar)} frames, {avatar.meta.faces} with a face -> {avatar.path}")
         if avatar.meta.faces:
             from musetalk.stages.faces.crop import bbox_shift_range
@@ -126,9 +112,19 @@ def cmd_download(args: argparse.Namespace) -> int:
 
     versions = ["v15", "v1"] if args.version == "all" else [args.version]
     models = args.dir or default_models_dir()
-    download(models, versions, dwpose=args.dwpose, syncnet=args.syncnet)
+    download(models, versions, dwpose=args.dwpose, syncnet=args.syncnet, convert=args.convert)
     print(f"weights ready in {models}")
     return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from musetalk.weights import default_models_dir
+    from musetalk.weights.convert import convert_models
+
+    models = args.models or default_models_dir()
+    written = convert_models(models)
+    print(f"{len(written)} {args.to} file(s) current in {models}" if written else f"no registered weights in {models}")
+    return 0 if written else 1
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -136,18 +132,18 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from musetalk.weights import default_models_dir
 
     models = args.models or default_models_dir()
-    checks = doctor(models)
+    checks = doctor(models, verify=args.verify)
     print(f"models folder: {models.resolve()}")
     for c in checks:
         mark = "ok " if c.ok else ("ERR" if c.required else "-- ")
-        print(f"[{mark}] {c.name:<28} {c.detail}" + (f"\n       fix: {c.fix}" if not c.ok and c.fix else ""))
+        print(f"[{mark}] {c.name:<40} {c.detail}" + (f"\n       fix: {c.fix}" if not c.ok and c.fix else ""))
     blocking = [c for c in checks if c.required and not c.ok]
     print("generation can run" if not blocking else f"generation cannot run: {len(blocking)} problem(s) above")
     return 0 if not blocking else 1
 
 
 def cmd_tiny(args: argparse.Namespace) -> int:
-    from musetalk.testing.tiny import write_tiny_models
+    from musetalk.stages.tiny import write_tiny_models
 
     print(f"tiny random weights written to {write_tiny_models(args.dir)} (output is noise, for tests only)")
     return 0
@@ -157,15 +153,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """The README's main job: the shipped samples -> outputs/demo.mp4, with real weights when available."""
     from musetalk.errors import WeightsError
     from musetalk.frontends.hub import download
-    from musetalk.testing.tiny import is_tiny, write_tiny_models
+    from musetalk.stages.tiny import is_tiny, write_tiny_models
     from musetalk.weights import LAYOUTS, default_models_dir
 
     models = args.models or default_models_dir()
-    complete = all((models / f).is_file() for f in LAYOUTS[args.version].required_files())
+    version = args.version or "v15"
+    complete = all((models / f).is_file() for f in LAYOUTS[version].required_files())
     if not complete:
         print(f"Real MuseTalk weights are not in {models}; trying to download them ...")
         try:
-            download(models, [args.version])
+            download(models, [version])
             complete = True
         except WeightsError as exc:
             print(f"\nThe real weights are absent and cannot be downloaded here:\n  {exc.message}\n")
@@ -220,10 +217,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", type=Path, default=None)
     p.add_argument("--dwpose", action="store_true", help="also DWPose (landmarks backend 'dwpose')")
     p.add_argument("--syncnet", action="store_true", help="also SyncNet + S3FD (for `musetalk evaluate`)")
+    p.add_argument("--convert", action="store_true", help="then write a safetensors copy of each (`musetalk convert`)")
     p.set_defaults(func=cmd_download)
+
+    p = sub.add_parser("convert", help="write a .safetensors copy beside each official weight file (faster, no pickle)")
+    p.add_argument("--to", required=True, choices=["safetensors"], help="target format")
+    p.add_argument("--models", type=Path, default=None, help="models folder (default: $MUSETALK_MODELS or ./models)")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("doctor", help="check Python, torch, devices, codecs, face backends and weights")
     p.add_argument("--models", type=Path, default=None)
+    p.add_argument("--verify", action="store_true", help="also check each weight file's SHA-256 (slow: reads them all)")
     p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("tiny-weights", help="write tiny random weights in the official layout (tests, demos)")
@@ -240,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     try:
-        from musetalk.quality.evaluate import add_evaluate_arguments, run_evaluate
+        from musetalk.frontends.evaluate import add_evaluate_arguments, run_evaluate
     except ImportError:
         pass
     else:
@@ -255,6 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="HTTP API over the pipeline (docs/api.md); needs musetalk[server]")
     add_serve_arguments(p)
     p.set_defaults(func=run_serve)
+    from musetalk.frontends.live_client import add_live_arguments, run_live  # websockets imported when it runs
+    p = sub.add_parser("live", help="stream an audio file to a server's live session (docs/api.md), get the frames")
+    add_live_arguments(p)
+    p.set_defaults(func=run_live)
     return parser
 
 
@@ -265,17 +273,21 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     from musetalk.errors import MuseTalkError
+    from musetalk.frontends.signals import exit_status, interrupt_signal, signal_name, stop_signals_as_interrupt
 
-    try:
-        return int(args.func(args) or 0)
-    except MuseTalkError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
-        if exc.fix:
-            print(f"  fix: {exc.fix}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: no output was written", file=sys.stderr)
-        return 130
+    # SIGTERM / SIGHUP clean up like Ctrl-C (musetalk.frontends.signals); the except clauses run inside the block
+    with stop_signals_as_interrupt():
+        try:
+            return int(args.func(args) or 0)
+        except MuseTalkError as exc:
+            print(f"error: {exc.message}", file=sys.stderr)
+            if exc.fix:
+                print(f"  fix: {exc.fix}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM / SIGHUP as Terminated: exit 128 + signal
+            print(f"interrupted ({signal_name(interrupt_signal(exc))}): stopped cleanly, no partial file left",
+                  file=sys.stderr)
+            return exit_status(exc)
 
 
 if __name__ == "__main__":

@@ -1,128 +1,19 @@
-"""Fetching the official weights (``musetalk download``) and checking an installation (``musetalk doctor``)."""
+"""The command side of the weights: `musetalk download` (see musetalk.weights.download) and `musetalk doctor`."""
 
 from __future__ import annotations
 
 import json
 import os
 import platform
-import shutil
-import socket
 import sys
-import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 from musetalk.errors import WeightsError
+from musetalk.weights.download import download, plan, sha256_of, check_hash, size_problem
+from musetalk.weights.registry import FORMATS, TINY_MARKER, WEIGHTS, WeightFile
 
-# (hub repo, file in repo, destination under models/). The official download_weights.sh of MuseTalk.
-HF_FILES: dict[str, list[tuple[str, str, str]]] = {
-    "v15": [("TMElyralab/MuseTalk", "musetalkV15/musetalk.json", "musetalkV15/musetalk.json"),
-            ("TMElyralab/MuseTalk", "musetalkV15/unet.pth", "musetalkV15/unet.pth")],
-    "v1": [("TMElyralab/MuseTalk", "musetalk/musetalk.json", "musetalk/musetalk.json"),
-           ("TMElyralab/MuseTalk", "musetalk/pytorch_model.bin", "musetalk/pytorch_model.bin")],
-    "common": [("stabilityai/sd-vae-ft-mse", "config.json", "sd-vae/config.json"),
-               ("stabilityai/sd-vae-ft-mse", "diffusion_pytorch_model.bin", "sd-vae/diffusion_pytorch_model.bin"),
-               ("openai/whisper-tiny", "config.json", "whisper/config.json"),
-               ("openai/whisper-tiny", "pytorch_model.bin", "whisper/pytorch_model.bin"),
-               ("openai/whisper-tiny", "preprocessor_config.json", "whisper/preprocessor_config.json"),
-               # the reference fetches 79999_iter.pth from Google Drive; this public hub mirror holds the same files
-               ("ManyOtherFunctions/face-parse-bisent", "79999_iter.pth", "face-parse-bisent/79999_iter.pth"),
-               ("ManyOtherFunctions/face-parse-bisent", "resnet18-5c106cde.pth",
-                "face-parse-bisent/resnet18-5c106cde.pth")],
-    "dwpose": [("yzd-v/DWPose", "dw-ll_ucoco_384.pth", "dwpose/dw-ll_ucoco_384.pth")],
-}
-# syncnet_python's download_model.sh
-URL_FILES: dict[str, list[tuple[str, str]]] = {
-    "syncnet": [("https://www.robots.ox.ac.uk/~vgg/software/lipsync/data/syncnet_v2.model", "syncnet/syncnet_v2.model"),
-                ("https://www.robots.ox.ac.uk/~vgg/software/lipsync/data/sfd_face.pth", "syncnet/sfd_face.pth")],
-}
-
-
-def _reachable(url: str, timeout: float = 5.0) -> bool:
-    parts = urllib.parse.urlparse(url)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    try:
-        with socket.create_connection((parts.hostname, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def plan_download(versions: list[str], dwpose: bool = False, syncnet: bool = False) -> tuple[list, list]:
-    hf = [f for v in versions for f in HF_FILES[v]] + HF_FILES["common"] + (HF_FILES["dwpose"] if dwpose else [])
-    urls = URL_FILES["syncnet"] if syncnet else []
-    return hf, urls
-
-
-def download(models_dir: Path, versions: list[str], dwpose: bool = False, syncnet: bool = False,
-             log=print) -> list[Path]:
-    """Fetch the official files into ``models_dir`` (idempotent: present files are kept; resumable).
-
-    Honours HF_HOME, HF_HUB_OFFLINE and HF_ENDPOINT (huggingface_hub reads them). Offline, fails at once.
-    """
-    hf_files, url_files = plan_download(versions, dwpose, syncnet)
-    todo_hf = [f for f in hf_files if not (models_dir / f[2]).is_file()]
-    todo_url = [f for f in url_files if not (models_dir / f[1]).is_file()]
-    for _, _, dest in hf_files:
-        if (models_dir / dest).is_file():
-            log(f"present  {dest}")
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    if todo_hf:
-        if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-            raise WeightsError(f"HF_HUB_OFFLINE is set and {len(todo_hf)} files are missing from {models_dir}",
-                               "unset HF_HUB_OFFLINE on a machine with internet access, or copy the files in")
-        if not _reachable(endpoint):
-            raise WeightsError(f"cannot reach {endpoint} (no network?); {len(todo_hf)} files are missing",
-                               "run `musetalk download` where the hub is reachable (or set HF_ENDPOINT to a mirror) "
-                               "and copy models/ here; for a pipeline test without real weights use "
-                               "`musetalk tiny-weights --dir models-tiny`")
-    fetched = []
-    if todo_hf:
-        from huggingface_hub import hf_hub_download
-
-        for repo, filename, dest in todo_hf:
-            log(f"fetch    {repo}/{filename} -> {dest}")
-            cached = Path(hf_hub_download(repo_id=repo, filename=filename))  # resumable, cached under HF_HOME
-            target = models_dir / dest
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(target.name + ".part")
-            shutil.copyfile(cached, tmp)
-            os.replace(tmp, target)
-            fetched.append(target)
-    for url, dest in todo_url:
-        if not _reachable(url):
-            raise WeightsError(f"cannot reach {url}", "download it by hand into " + str(models_dir / dest))
-        log(f"fetch    {url} -> {dest}")
-        fetched.append(_fetch_url(url, models_dir / dest))
-    verify_downloaded(models_dir, [d for _, _, d in hf_files] + [d for _, d in url_files])
-    return fetched
-
-
-def _fetch_url(url: str, target: Path) -> Path:
-    """HTTP download with resume (Range) into ``target.part``, renamed when complete."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    part = target.with_name(target.name + ".part")
-    start = part.stat().st_size if part.exists() else 0
-    request = urllib.request.Request(url, headers={"Range": f"bytes={start}-"} if start else {})
-    with urllib.request.urlopen(request, timeout=60) as response, open(part, "ab" if start else "wb") as f:
-        if start and response.status != 206:  # server ignored the range: start over
-            f.truncate(0)
-        shutil.copyfileobj(response, f, 1 << 20)
-    os.replace(part, target)
-    return target
-
-
-def verify_downloaded(models_dir: Path, files: list[str]) -> None:
-    """Every weight file loads as a safe state dict; JSON files parse."""
-    from musetalk.weights import load_state_dict
-
-    for rel in files:
-        path = models_dir / rel
-        if path.suffix == ".json":
-            json.loads(path.read_text())
-        else:
-            load_state_dict(path)
+__all__ = ["Check", "doctor", "download", "plan"]
 
 
 @dataclass
@@ -165,8 +56,12 @@ def _unet_shapes_ok(models_dir: Path, version: str) -> Check:
                      "download the weights again: `musetalk download --version " + version + "`")
 
 
-def doctor(models_dir: Path) -> list[Check]:
-    """Everything generation needs, each with its fix. Generation can run when every required check is ok."""
+def doctor(models_dir: Path, verify: bool = False) -> list[Check]:
+    """Everything generation needs, each with its fix. Generation can run when every required check is ok.
+
+    Every registered weight file present is checked against its registered size (a truncated download is named
+    with its fix); ``verify`` also hashes them (SHA-256, seconds per GB).
+    """
     import torch
 
     from musetalk.devices import mps_available
@@ -177,6 +72,7 @@ def doctor(models_dir: Path) -> list[Check]:
     devices = ["cpu"] + (["cuda: " + torch.cuda.get_device_name(0)] if torch.cuda.is_available() else []) \
         + (["mps"] if mps_available() else [])
     checks.append(Check("devices", True, ", ".join(devices)))
+    checks.append(_mlx_check())
     if platform.system() == "Darwin":
         checks.append(Check("PYTORCH_ENABLE_MPS_FALLBACK", os.environ.get("PYTORCH_ENABLE_MPS_FALLBACK") == "1",
                             os.environ.get("PYTORCH_ENABLE_MPS_FALLBACK", "unset"),
@@ -206,11 +102,77 @@ def doctor(models_dir: Path) -> list[Check]:
             check = _unet_shapes_ok(models_dir, version)
             check.required = version == "v15"
             checks.append(check)
-    for rel, what in (("syncnet/syncnet_v2.model", "SyncNet (evaluate)"), ("syncnet/sfd_face.pth", "S3FD (evaluate)")):
-        present = (models_dir / rel).is_file()
-        checks.append(Check(what, present, "present" if present else "absent",
+    checks += _file_checks(models_dir, verify)
+    checks.append(_backbone_check(models_dir))
+    for entry in (WEIGHTS["syncnet"], WEIGHTS["s3fd"]):
+        present = (models_dir / entry.dest).is_file()
+        checks.append(Check(entry.part, present, "present" if present else "absent",
                             f"musetalk download --syncnet --dir {models_dir}", required=False))
     return checks
+
+
+def _mlx_check() -> Check:
+    """Whether the MLX backend (--backend mlx; auto's choice on Apple Silicon) can run, and how to add it."""
+    from musetalk.stages.mlx import INSTALL_HINT, is_apple_silicon, mlx_available
+
+    where = "Apple Silicon: --backend auto picks it" if is_apple_silicon() else "not Apple Silicon: auto keeps torch"
+    if not mlx_available():
+        return Check("MLX backend", False, f"not installed ({where})", INSTALL_HINT, required=False)
+    import mlx.core as mx
+
+    return Check("MLX backend", True, f"mlx {mx.__version__} on {mx.default_device()} ({where})", required=False)
+
+
+def _blocking(entry: WeightFile) -> bool:
+    """A problem with this file stops v1.5 generation (the default)."""
+    return entry.required and entry.group in ("v15", "common")
+
+
+def _file_checks(models_dir: Path, verify: bool) -> list[Check]:
+    """Size (always) and SHA-256 (``verify``) of each registered weight file present, against the registry."""
+    from musetalk.weights import sniff_format
+
+    tiny = (models_dir / TINY_MARKER).is_file()
+    checks = []
+    for entry in WEIGHTS.values():
+        path = models_dir / entry.dest
+        if not entry.is_weights or not path.is_file():
+            continue
+        fix = f"musetalk download --dir {models_dir}{_download_flags(entry)} (it fetches {entry.dest} again)"
+        name = entry.dest
+        if tiny:
+            checks.append(Check(name, True, f"{sniff_format(path)} format; random test weights: size and hash not "
+                                            "checked", required=False))
+            continue
+        problem = size_problem(entry, path)
+        if problem:
+            checks.append(Check(name, False, problem, fix, required=_blocking(entry)))
+            continue
+        detail = f"{path.stat().st_size:,} bytes, {sniff_format(path)} format"
+        if verify:
+            digest = sha256_of(path)
+            if not check_hash(entry, digest):
+                checks.append(Check(name, False, f"SHA-256 {digest} does not match the published file", fix,
+                                    required=_blocking(entry)))
+                continue
+            detail += ", SHA-256 ok" if entry.sha256 or entry.sha256_prefix else ", SHA-256 not published here"
+        elif entry.size is None:
+            detail += " (size not published here)"
+        checks.append(Check(name, True, detail, required=_blocking(entry)))
+    return checks
+
+
+def _download_flags(entry: WeightFile) -> str:
+    return {"v1": " --version v1", "dwpose": " --dwpose", "syncnet": " --syncnet"}.get(entry.group, "")
+
+
+def _backbone_check(models_dir: Path) -> Check:
+    """The torchvision ResNet-18 file: optional, and the one official file in the 0.1-era tar format."""
+    entry = WEIGHTS["face-parse-backbone"]
+    present = (models_dir / entry.dest).is_file()
+    how = f"{entry.note}; {FORMATS[entry.format]}"
+    return Check("face-parse backbone (optional)", present, ("present: " if present else "absent: ") + how,
+                 f"musetalk download --dir {models_dir}", required=False)
 
 
 def _face_backend_checks(models_dir: Path) -> list[Check]:
@@ -228,7 +190,7 @@ def _face_backend_checks(models_dir: Path) -> list[Check]:
     except ImportError:
         out.append(Check("landmarks: face_alignment", False, "not installed", "pip install 'musetalk[face-alignment]'",
                          required=False))
-    dw = models_dir / "dwpose" / "dw-ll_ucoco_384.pth"
+    dw = models_dir / WEIGHTS["dwpose"].dest
     out.append(Check("landmarks: dwpose", dw.is_file(), str(dw) if dw.is_file() else "weights absent",
                      f"musetalk download --dwpose --dir {models_dir}", required=False))
     return out

@@ -13,28 +13,15 @@ from __future__ import annotations
 
 import fractions
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
 from musetalk.errors import InputError
+from musetalk.stream.video import VideoInfo, probe
 
 MJPEG_DEFAULT_BIT_RATE = 200_000  # AVCodecContext's default bit rate: what ffmpeg uses without -q:v / -b:v
-
-
-@dataclass(frozen=True)
-class VideoInfo:
-    """What :func:`probe_video` found: frame rate, frame count (from the container, may be 0), size, pixel format."""
-
-    path: str
-    fps: float
-    n_frames: int
-    width: int
-    height: int
-    pix_fmt: str
-    has_audio: bool
 
 
 def _open(path: str | os.PathLike):
@@ -50,16 +37,8 @@ def _open(path: str | os.PathLike):
 
 
 def probe_video(path: str | os.PathLike) -> VideoInfo:
-    """Read the stream headers of ``path``; raises :class:`InputError` when it has no video stream."""
-    with _open(path) as container:
-        if not container.streams.video:
-            raise InputError(f"{path} has no video stream", "give a video file")
-        stream = container.streams.video[0]
-        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-        return VideoInfo(path=str(path), fps=float(rate) if rate else 0.0, n_frames=int(stream.frames or 0),
-                         width=stream.codec_context.width, height=stream.codec_context.height,
-                         pix_fmt=stream.codec_context.format.name if stream.codec_context.format else "",
-                         has_audio=bool(container.streams.audio))
+    """Read the stream headers of ``path`` (the stream's own probe: one VideoInfo for the whole package)."""
+    return probe(path)
 
 
 def iter_video_frames(path: str | os.PathLike, fps: float | None = 25.0) -> Iterator["av.VideoFrame"]:  # noqa: F821

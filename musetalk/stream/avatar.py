@@ -24,16 +24,19 @@ import shutil
 import tempfile
 import time
 import weakref
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 
 import cv2
 import numpy as np
 
-from musetalk.errors import InputError
+from musetalk.errors import InputError, MuseTalkError, StorageError
 
 FORMAT_VERSION = 1
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# matched whole with fullmatch: with match and "$", "name\n" passed ("$" also matches before a final newline)
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 def cache_root() -> Path:
@@ -43,7 +46,7 @@ def cache_root() -> Path:
 
 def check_avatar_name(name: str) -> str:
     """Avatar names become folder names: letters, digits, '_', '-', '.', at most 64, no path parts."""
-    if not _NAME_RE.match(name or "") or name in (".", ".."):
+    if not isinstance(name, str) or _NAME_RE.fullmatch(name) is None:
         raise InputError(f"invalid avatar name {name!r}",
                          "use 1-64 letters, digits, '_', '-' or '.', starting with a letter or digit")
     return name
@@ -154,39 +157,71 @@ class AvatarWriter:
     def add_frame(self, frame_bgr: np.ndarray, landmarks: np.ndarray | None, face_box, mask: np.ndarray | None,
                   mask_box) -> int:
         index = len(self.has_face)
-        # PNG level 1: lossless and fast to write; decoding it back costs ~5 ms per 720p frame
-        cv2.imwrite(str(self.tmp / "frames" / f"{index:06d}.png"), frame_bgr, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+        self._write_png(self.tmp / "frames" / f"{index:06d}.png", frame_bgr)
         has_face = face_box is not None
         if has_face:
-            cv2.imwrite(str(self.tmp / "masks" / f"{index:06d}.png"), mask, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+            self._write_png(self.tmp / "masks" / f"{index:06d}.png", mask)
         self.has_face.append(has_face)
         self.landmarks.append(np.zeros((68, 2), np.int32) if landmarks is None else np.asarray(landmarks, np.int32))
         self.face_boxes.append(tuple(face_box) if has_face else (-1, -1, -1, -1))
         self.mask_boxes.append(tuple(mask_box) if has_face else (-1, -1, -1, -1))
         return index
 
+    def _write_png(self, path: Path, image: np.ndarray) -> None:
+        # PNG level 1: lossless and fast to write; decoding it back costs ~5 ms per 720p frame. Encoded here and
+        # written by Python, not cv2.imwrite: that one returns False on a full disk, and the avatar would be
+        # committed with a missing frame.
+        ok, data = cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+        if not ok:
+            raise MuseTalkError(f"cannot encode frame {path.name} of the avatar as PNG", "please report this")
+        with self._storage(), open(path, "wb") as f:
+            f.write(data.tobytes())
+
+    @contextmanager
+    def _storage(self) -> Iterator[None]:
+        """A failed write (disk full, file size limit, permissions) becomes one clear error; prepare_avatar then
+        aborts: the half-built folder is removed and nothing is committed that a later run would trust."""
+        try:
+            yield
+        except OSError as err:
+            raise StorageError(f"storing the avatar {self.final_path.name} in {self.final_path.parent} failed: "
+                                f"{err.strerror or err}", "free disk space (or raise the file size limit, "
+                                "`ulimit -f`) and run again; nothing half-written was kept") from None
+
     def add_latents(self, latents: np.ndarray) -> None:
         """Latents of the next frames in order, (k, 8, 32, 32); written to disk at once (bounded memory)."""
         path = self.tmp / f"latents.{len(self._latent_chunks):05d}.npy"
-        np.save(path, np.asarray(latents, np.float32))
+        with self._storage():
+            np.save(path, np.asarray(latents, np.float32))
         self._latent_chunks.append(path)
 
     def commit(self, meta: AvatarMeta, owned_dir: Path | None = None) -> Avatar:
+        """Complete the folder (latents, arrays, meta.json last) and rename it onto the final path atomically."""
+        with self._storage():
+            self._complete(meta)
+        return self._swap_in(meta, owned_dir)
+
+    def _complete(self, meta: AvatarMeta) -> None:
         n = len(self.has_face)
-        out = np.lib.format.open_memmap(self.tmp / "latents.npy", mode="w+", dtype=np.float32, shape=(n, 8, 32, 32))
+        # plain sequential writes, not a writable memory map: a full disk then raises ENOSPC here instead of
+        # killing the process with SIGBUS when a page of the (sparse) map cannot be allocated
         pos = 0
-        for chunk in self._latent_chunks:
-            data = np.load(chunk)
-            out[pos:pos + len(data)] = data
-            pos += len(data)
-            chunk.unlink()
-        out.flush()
-        del out
+        with open(self.tmp / "latents.npy", "wb") as out:
+            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
+                      "shape": (n, 8, 32, 32)}
+            np.lib.format.write_array_header_1_0(out, header)
+            for chunk in self._latent_chunks:
+                data = np.ascontiguousarray(np.load(chunk), np.float32)
+                out.write(data.tobytes())
+                pos += len(data)
+                chunk.unlink()
         if pos != n:
             raise RuntimeError(f"avatar latents cover {pos} of {n} frames")
         np.savez(self.tmp / "arrays.npz", has_face=np.array(self.has_face, bool), landmarks=np.stack(self.landmarks),
                  face_boxes=np.array(self.face_boxes, np.int64), mask_boxes=np.array(self.mask_boxes, np.int64))
         (self.tmp / "meta.json").write_text(json.dumps(asdict(meta), indent=2))
+
+    def _swap_in(self, meta: AvatarMeta, owned_dir: Path | None) -> Avatar:
         # swap in atomically: an old avatar of the same name is moved aside first, then removed
         old = None
         try:

@@ -18,11 +18,10 @@ import shutil
 import tempfile
 import threading
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Generator
+from typing import TYPE_CHECKING, Callable, Generator
 
 import numpy as np
 import torch
@@ -31,10 +30,20 @@ from musetalk.stages import audio as audio_stage
 from musetalk.stream import pauses
 from musetalk.stream.avatar import Avatar, AvatarMeta, AvatarWriter, avatar_key, cache_root, check_avatar_name, \
     hash_source, load_avatar
+from musetalk.stream.paths import check_output_not_input
 from musetalk.config import GenerationConfig, preset
 from musetalk.devices import resolve_device, resolve_dtype
 from musetalk.errors import InputError, NoFaceError, WeightsError
+from musetalk.hooks import ProgressBars, RunHooks, check_cancelled, combine
 from musetalk.weights import DOWNLOAD_HINT, default_models_dir, layout
+
+if TYPE_CHECKING:
+    from musetalk.stream.live import LiveConfig, LiveSession
+    from musetalk.stages.audio import AudioEncoder
+    from musetalk.stages.faces.types import LandmarkBackend
+    from musetalk.stages.parsing import FaceParser
+    from musetalk.stages.unet import UNet
+    from musetalk.stages.vae import VAE
 
 log = logging.getLogger(__name__)
 _SENTINEL = object()
@@ -81,8 +90,9 @@ class GenerationResult:
 class MuseTalkPipeline:
     """Audio encoder + VAE + UNet + face parser, loaded once; landmark backends built on first use."""
 
-    def __init__(self, audio_encoder, vae, unet, parser, *, version: str = "v15", models_dir: Path | None = None,
-                 landmarker_factory: Callable[[str], Any] | None = None) -> None:
+    def __init__(self, audio_encoder: AudioEncoder, vae: VAE, unet: UNet, parser: FaceParser, *,
+                 version: str = "v15", models_dir: Path | None = None,
+                 landmarker_factory: Callable[[str], LandmarkBackend] | None = None) -> None:
         self.audio_encoder = audio_encoder
         self.vae = vae
         self.unet = unet
@@ -92,17 +102,28 @@ class MuseTalkPipeline:
         self.device = unet.device
         self.dtype = unet.dtype
         self._landmarker_factory = landmarker_factory
-        self._landmarkers: dict[str, Any] = {}
+        self._landmarkers: dict[str, LandmarkBackend] = {}
         self._vad = None  # voice-activity detector (silence handling), built on first use
 
     @classmethod
     def from_pretrained(cls, models_dir: str | os.PathLike | None = None, version: str = "v15",
-                        device: str = "auto", dtype: str | torch.dtype = "auto") -> "MuseTalkPipeline":
-        """Load every model from an official ``models/`` folder; device/dtype resolved here, once."""
+                        device: str = "auto", dtype: str | torch.dtype = "auto",
+                        backend: str = "auto") -> "MuseTalkPipeline":
+        """Load every model from an official ``models/`` folder; device/dtype/backend resolved here, once.
+
+        ``backend``: torch | mlx | auto (MLX on Apple Silicon when installed): which implementation runs the UNet
+        and the VAE; the audio encoder and the face parser are torch models on ``device`` either way.
+        """
         from musetalk.stages.audio import AudioEncoder
+        from musetalk.stages.mlx import resolve_backend
         from musetalk.stages.parsing import FaceParser
-        from musetalk.stages.unet import UNet
-        from musetalk.stages.vae import VAE
+
+        if resolve_backend(backend) == "mlx":
+            from musetalk.stages.mlx.unet import MLXUNet as UNet
+            from musetalk.stages.mlx.vae import MLXVAE as VAE
+        else:
+            from musetalk.stages.unet import UNet  # type: ignore[assignment]
+            from musetalk.stages.vae import VAE  # type: ignore[assignment]
 
         models = Path(models_dir) if models_dir is not None else default_models_dir()
         parts = layout(version)
@@ -113,7 +134,8 @@ class MuseTalkPipeline:
                                DOWNLOAD_HINT.format(models=models))
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
-        log.info("loading MuseTalk %s from %s on %s (%s)", version, models, dev, dt)
+        log.info("loading MuseTalk %s from %s on %s (%s), UNet + VAE on %s", version, models, dev, dt,
+                 getattr(UNet, "backend", "torch"))
         # Whisper and the face parser run once per segment / source frame: keep them in fp32 for exactness
         return cls(AudioEncoder.from_pretrained(models / parts.whisper_dir, device=dev),
                    VAE.from_pretrained(models / parts.vae_dir, device=dev, dtype=dt),
@@ -122,7 +144,7 @@ class MuseTalkPipeline:
                    version=version, models_dir=models)
 
     # -- helpers -------------------------------------------------------------------------------------------
-    def landmarker(self, name: str):
+    def landmarker(self, name: str) -> LandmarkBackend:
         """The landmark backend ``name``, built once per pipeline."""
         if name not in self._landmarkers:
             if self._landmarker_factory is not None:
@@ -155,13 +177,14 @@ class MuseTalkPipeline:
     # -- 1. prepare ----------------------------------------------------------------------------------------
     def prepare_avatar(self, source: str | os.PathLike, config: GenerationConfig | None = None,
                        name: str | None = None, force: bool = False, progress: bool = False,
-                       profiler=None) -> Avatar:
+                       hooks: RunHooks | None = None, profiler: RunHooks | None = None) -> Avatar:
         """Landmarks, crop, latents and paste-back mask of every source frame, stored on disk.
 
         With ``name`` the avatar lands in the shared cache (``cache_root()/avatars/name``) and is reused while
         the source content and settings are unchanged; without it, in a temporary folder that the returned Avatar
         owns (removed by ``avatar.close()``, a ``with`` block, garbage collection or interpreter exit).
-        Raises NoFaceError when no frame has a face.
+        Raises NoFaceError when no frame has a face, :class:`~musetalk.errors.Cancelled` when ``hooks`` cancel.
+        ``hooks`` (or its older name ``profiler``) are the run's :mod:`musetalk.hooks`.
         """
         from musetalk.stages.blending import prepare_blend_material
         from musetalk.stages.faces.crop import apply_extra_margin, crop_box, crop_face
@@ -181,7 +204,9 @@ class MuseTalkPipeline:
                 return existing
         else:
             path = Path(tempfile.mkdtemp(prefix="musetalk-avatar-")) / "avatar"
-        stage = profiler.stage if profiler is not None else (lambda _name: nullcontext())
+        bars = ProgressBars() if progress else None
+        run = combine(hooks, profiler, bars)
+        stage = run.stage
         landmarker = self.landmarker(config.crop.landmarks)
         writer = AvatarWriter(path)
         smoother = _box_smoother(config, fps)  # None: boxes follow each frame's landmarks (the reference)
@@ -200,12 +225,11 @@ class MuseTalkPipeline:
 
         faces = 0
         size = (0, 0)  # (width, height) of the source frames
+        total = frames.num_frames or None
         try:
-            iterator = frames
-            if progress:
-                from tqdm.auto import tqdm
-                iterator = tqdm(frames, total=frames.num_frames or None, desc="prepare", unit="frame")
-            for frame in iterator:
+            run.progress("prepare", 0, total)
+            for done, frame in enumerate(frames, start=1):
+                check_cancelled(run)
                 size = frame.shape[1], frame.shape[0]
                 with stage("landmarks"):
                     result = landmarker.detect(frame)
@@ -230,6 +254,7 @@ class MuseTalkPipeline:
                     pending.append(None)
                 if len(pending) >= batch:
                     flush()
+                run.progress("prepare", done, total)
             if pending:
                 flush()
             if faces == 0:
@@ -243,6 +268,9 @@ class MuseTalkPipeline:
             if name is None:
                 shutil.rmtree(path.parent, ignore_errors=True)
             raise
+        finally:
+            if bars is not None:
+                bars.close()
 
     # -- 2. stream -----------------------------------------------------------------------------------------
     def _predict_batches(self, avatar: Avatar, wav: np.ndarray, batch_size: int, stop: threading.Event,
@@ -258,35 +286,66 @@ class MuseTalkPipeline:
                 count = min(batch_size, n_out - start)
                 with stage("audio"):
                     batch_windows = np.stack([next(windows) for _ in range(count)])
-                sources = [pingpong(i, len(avatar)) for i in range(start, start + count)]
-                rows = [k for k, s in enumerate(sources) if avatar.has_face[s]
-                        and (plan is None or plan.generated[start + k])]  # silent frames skip the models
-                faces = None
-                if rows:
-                    latents = torch.from_numpy(np.stack([avatar.latents[sources[k]] for k in rows]))
-                    with stage("unet"):
-                        predicted = self.unet(latents, torch.from_numpy(batch_windows[rows]))
-                    with stage("vae_decode"):
-                        faces = self.vae.decode(predicted)
-                _put_unless_stopped(out, (sources, rows, faces), stop)
+                generated = plan.generated if plan is not None else None
+                _put_unless_stopped(out, self._predict_batch(avatar, start, batch_windows, stage, generated), stop)
         except BaseException as exc:  # handed to the consumer, which re-raises it
             _put_unless_stopped(out, exc, stop)
             return
         _put_unless_stopped(out, _SENTINEL, stop)
 
+    def _predict_batch(self, avatar: Avatar, start: int, batch_windows: np.ndarray, stage,
+                       generated: np.ndarray | None = None) -> tuple[list[int], list[int], np.ndarray | None]:
+        """UNet + VAE decode of output frames ``start..`` from their (B, 50, 384) audio windows.
+
+        Returns (source index per frame, rows with a face, (len(rows), 256, 256, 3) uint8 BGR faces or None).
+        ``generated`` (per output frame, from the silence plan) leaves out frames shown without a generated face.
+        Shared by ``stream`` and live sessions (``musetalk.stream.live``).
+        """
+        sources = [pingpong(i, len(avatar)) for i in range(start, start + len(batch_windows))]
+        rows = [k for k, s in enumerate(sources) if avatar.has_face[s]
+                and (generated is None or generated[start + k])]  # silent frames skip the models
+        faces = None
+        if rows:
+            latents = torch.from_numpy(np.stack([avatar.latents[sources[k]] for k in rows]))
+            with stage("unet"):
+                predicted = self.unet(latents, torch.from_numpy(batch_windows[rows]))
+            with stage("vae_decode"):
+                faces = self.vae.decode(predicted)
+        return sources, rows, faces
+
+    @staticmethod
+    def _compose_frames(avatar: Avatar, batch: tuple, frame_of: Callable, mask_of: Callable, stage
+                        ) -> Generator[np.ndarray, None, None]:
+        """Paste one predicted batch back into its source frames; yields (H, W, 3) uint8 BGR frames in order.
+        Shared by ``stream`` and live sessions."""
+        from musetalk.stages.blending import BlendMaterial, blend_with_material
+
+        sources, rows, faces = batch
+        face_of_row = {k: j for j, k in enumerate(rows)}
+        for k, s in enumerate(sources):
+            frame = frame_of(s)
+            if k in face_of_row:
+                with stage("blend"):
+                    x1, y1, x2, y2 = (int(v) for v in avatar.mask_boxes[s])
+                    material = BlendMaterial(mask=mask_of(s), crop_box=(x1, y1, x2, y2))
+                    frame = blend_with_material(frame, faces[face_of_row[k]], avatar.face_box(s), material)
+            yield frame
+
     def stream(self, avatar: Avatar, audio: str | os.PathLike | np.ndarray, config: GenerationConfig | None = None,
-               profiler=None) -> Generator[np.ndarray, None, None]:
+               hooks: RunHooks | None = None, profiler: RunHooks | None = None) -> Generator[np.ndarray, None, None]:
         """Yield the lip-synced frames ((H, W, 3) uint8 BGR) for ``audio``, one per 1/fps of audio.
 
         Model compute runs one batch ahead in a worker thread (bounded queue of 2 batches) while this
         generator blends and its consumer encodes. Frames without a face are the source frames, untouched.
+        ``hooks`` (or ``profiler``) see every stage and frame; when they cancel, the generator raises
+        :class:`~musetalk.errors.Cancelled` before the next frame.
         """
-        from musetalk.stages.blending import BlendMaterial, blend_with_material
-
         config = (config or self.default_config()).validate()
         wav = audio if isinstance(audio, np.ndarray) else audio_stage.load_audio(audio)
         audio_stage.check_speech(wav, avatar.meta.fps, source=str(audio) if not isinstance(audio, np.ndarray) else "audio")
-        stage = profiler.stage if profiler is not None else (lambda _name: nullcontext())
+        run = combine(hooks, profiler)
+        stage = run.stage
+        n_out = audio_stage.num_video_frames(len(wav), avatar.meta.fps)
         frame_of = lru_cache(maxsize=4)(avatar.frame)  # an image source is read once, not once per frame
         mask_of = lru_cache(maxsize=4)(avatar.mask)
         plan = pauses.plan_for(self.vad, avatar, wav, config, stage)  # None: silence off, every frame generated
@@ -296,33 +355,40 @@ class MuseTalkPipeline:
         worker = threading.Thread(target=self._predict_batches, name="musetalk-models", daemon=True,
                                   args=(avatar, wav, config.runtime.batch_size, stop, batches, stage, plan))
         worker.start()
-        index = 0  # output frame number
         try:
+            run.progress("generate", 0, n_out)
+            done = 0  # output frames so far: the next frame's index
             while True:
+                check_cancelled(run)
                 item = batches.get()
                 if item is _SENTINEL:
                     break
                 if isinstance(item, BaseException):
                     raise item
-                sources, rows, faces = item
-                face_of_row = {k: j for j, k in enumerate(rows)}
-                for k, s in enumerate(sources):
-                    frame = frame_of(s)
-                    if k in face_of_row:
-                        with stage("blend"):
-                            x1, y1, x2, y2 = (int(v) for v in avatar.mask_boxes[s])
-                            material = BlendMaterial(mask=mask_of(s), crop_box=(x1, y1, x2, y2))
-                            frame = blend_with_material(frame, faces[face_of_row[k]], avatar.face_box(s), material)
-                    if shown is not None and plan.weights[index] < 1:
+                for k, frame in enumerate(self._compose_frames(avatar, item, frame_of, mask_of, stage)):
+                    if shown is not None and plan.weights[done] < 1:
                         with stage("silence"):
-                            frame = shown.show(index, s, frame)
-                    index += 1
-                    if profiler is not None:
-                        profiler.frame_done()
+                            frame = shown.show(done, item[0][k], frame)
+                    check_cancelled(run)
+                    run.frame_done()
+                    done += 1
+                    run.progress("generate", done, n_out)
                     yield frame
         finally:
             stop.set()
             worker.join(timeout=30)
+
+    # -- 2b. live -----------------------------------------------------------------------------------------------
+    def live(self, avatar: Avatar, config: GenerationConfig | None = None, options: "LiveConfig | None" = None,
+             hooks: RunHooks | None = None, profiler: RunHooks | None = None) -> "LiveSession":
+        """A live session on ``avatar``: ``feed(pcm)`` audio as it is spoken, iterate frames as they are made.
+
+        ``options`` is a :class:`musetalk.stream.live.LiveConfig` (look-ahead, buffers, lateness). ``hooks`` (or
+        ``profiler``) see every stage and frame, and get each frame's latency when they have ``frame_latency``.
+        """
+        from musetalk.stream.live import LiveSession
+
+        return LiveSession(self, avatar, (config or self.default_config()).validate(), options, hooks, profiler)
 
     # -- 3. generate ---------------------------------------------------------------------------------------
     @staticmethod
@@ -342,37 +408,41 @@ class MuseTalkPipeline:
             raise InputError(f"output folder {parent} does not exist", f"create it: mkdir -p {parent}")
         if not os.access(parent, os.W_OK):
             raise InputError(f"cannot write to {parent}", "choose a writable output folder")
+        check_output_not_input(output, {"source": source, "audio": audio})  # else the rename would replace it
 
     def generate(self, source: str | os.PathLike, audio: str | os.PathLike, output: str | os.PathLike,
                  config: GenerationConfig | None = None, avatar: str | None = None, progress: bool = True,
-                 profiler=None) -> GenerationResult:
-        """Source + audio -> lip-synced mp4 (H.264 yuv420p crf 18 + AAC), written atomically."""
+                 hooks: RunHooks | None = None, profiler: RunHooks | None = None) -> GenerationResult:
+        """Source + audio -> lip-synced mp4 (H.264 yuv420p crf 18 + AAC), written atomically.
+
+        The one generation path: the CLI, the server, batch runs and the notebooks all come here. ``hooks`` (or
+        ``profiler``) watch and may cancel the run (:mod:`musetalk.hooks`); ``progress`` adds tqdm bars.
+        On any exception (cancel included) no output file is left behind.
+        """
         from musetalk.stream.video import VideoWriter
 
         started = time.perf_counter()
         config = (config or self.default_config()).validate()
         self.check_inputs(source, audio, output)
         wav = audio_stage.load_audio(audio)  # decode errors surface before the (slow) preparation
-        prepared = self.prepare_avatar(source, config, name=avatar, progress=progress, profiler=profiler)
+        bars = ProgressBars() if progress else None
+        run = combine(hooks, profiler, bars)
+        prepared = self.prepare_avatar(source, config, name=avatar, hooks=run)
         try:
             audio_stage.check_speech(wav, prepared.meta.fps, source=str(audio))
-            n_out = audio_stage.num_video_frames(len(wav), prepared.meta.fps)
-            frames = self.stream(prepared, wav, config, profiler=profiler)
-            bar = None
-            if progress:
-                from tqdm.auto import tqdm
-                bar = tqdm(total=n_out, desc="generate", unit="frame")
+            frames = self.stream(prepared, wav, config, hooks=run)
             written = 0
-            with VideoWriter(output, fps=prepared.meta.fps, audio=audio) as writer:
-                for frame in frames:
-                    with (profiler.stage("encode") if profiler is not None else nullcontext()):
-                        writer.write(frame)
-                    written += 1
-                    if bar is not None:
-                        bar.update(1)
-            if bar is not None:
-                bar.close()
+            try:
+                with VideoWriter(output, fps=prepared.meta.fps, audio=audio) as writer:
+                    for frame in frames:
+                        with run.stage("encode"):
+                            writer.write(frame)
+                        written += 1
+            finally:
+                frames.close()  # stops the model thread now, also when the writer failed
         finally:
             prepared.close()  # a temporary avatar goes now; a named one stays in the cache
+            if bars is not None:
+                bars.close()
         return GenerationResult(Path(output), written, prepared.meta.fps, time.perf_counter() - started,
                                 str(prepared.path) if avatar else "(temporary)")

@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from musetalk.errors import InputError, MuseTalkError
+from musetalk.errors import InputError, MuseTalkError, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +196,7 @@ def probe(path: PathLike) -> VideoInfo:
     av = _av()
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"{path} does not exist", "check the path of the video")
+        raise InputError(f"video not found: {path}", "check the path of the video")
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
@@ -212,6 +212,88 @@ def probe(path: PathLike) -> VideoInfo:
                              ctx.name, ctx.pix_fmt or "")
     except (av.FFmpegError, OSError) as err:
         raise InputError(f"cannot read {path} as a video: {err}", "check that the file is a complete video") from None
+
+
+@dataclass(frozen=True)
+class DeclaredSize:
+    """What a source's headers declare, read without decoding any frame (see :func:`declared_size`).
+
+    num_frames: the container's frame count, else duration x fps; None when it declares neither.
+    width, height: of one frame, as coded (0 when only the pixel count is known). pixels: of one frame.
+    duration_s: None for images and when the container declares none.
+    """
+
+    num_frames: int | None
+    width: int
+    height: int
+    duration_s: float | None
+    pixels: int
+
+
+def _image_header_size(path: Path) -> tuple[int, int, int]:
+    """(width, height, pixels) from an image's header; Pillow's open reads only the header, never the pixels."""
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                return image.size[0], image.size[1], image.size[0] * image.size[1]
+    except Image.DecompressionBombError as err:
+        # Pillow will not even describe an image over 2 x its MAX_IMAGE_PIXELS (far above any limit of ours); its
+        # message holds the pixel count ("Image size (256000000 pixels) exceeds limit of ...")
+        found = re.search(r"\((\d+) pixels\)", str(err))
+        return 0, 0, int(found.group(1)) if found else 2 * int(Image.MAX_IMAGE_PIXELS or 0) + 1
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise InputError(f"cannot read the image {path}: {err}",
+                         "use a PNG, JPEG, BMP, WebP or TIFF file that opens in an image viewer") from None
+
+
+def declared_size(source: PathLike) -> DeclaredSize:
+    """Frames, frame size and duration of an image, a folder of images or a video, from headers only.
+
+    Cheap whatever the file claims: a 16000x16000 PNG is not decoded, a 10 000-frame clip is not demuxed (FFmpeg's
+    stream probing reads at most a few packets). Raises InputError for a missing or unreadable source.
+    """
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise InputError(f"{path} does not exist", "check the path of the source video, image or folder")
+    if path.is_dir():
+        files = [p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
+        if not files:
+            raise InputError(f"the folder {path} holds no images",
+                             f"put frames with one of the suffixes {', '.join(sorted(IMAGE_EXTENSIONS))} in it")
+        width, height, pixels = _image_header_size(min(files, key=lambda p: _natural_key(p.name)))
+        return DeclaredSize(len(files), width, height, None, pixels)
+    if path.suffix.lower() in IMAGE_EXTENSIONS:
+        width, height, pixels = _image_header_size(path)
+        return DeclaredSize(1, width, height, None, pixels)
+    av = _av()
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise InputError(f"{path} has no video stream", "use a video or an image")
+            stream = container.streams.video[0]
+            duration = _stream_duration(stream, container)
+            fps = _stream_fps(stream)
+            frames = stream.frames or (round(duration * fps) if duration and fps else None)
+            width, height = int(stream.codec_context.width), int(stream.codec_context.height)
+            return DeclaredSize(frames, width, height, duration, width * height)
+    except (av.FFmpegError, OSError, UnicodeDecodeError) as err:
+        raise InputError(f"cannot read {path} as a video: {err}", "use a video that plays, or an image") from None
+
+
+def declared_duration(path: PathLike) -> float | None:
+    """Seconds a media file's container declares (its longest stream), without decoding; None when it declares none."""
+    av = _av()
+    try:
+        with av.open(str(Path(path).expanduser())) as container:
+            durations = [d for d in (_stream_duration(s, container) for s in container.streams) if d is not None]
+    except (av.FFmpegError, OSError, UnicodeDecodeError) as err:
+        raise InputError(f"cannot read {path}: {err}", "use a media file that plays") from None
+    return max(durations) if durations else None
 
 
 def ffmpeg_exe() -> str:
@@ -388,7 +470,7 @@ class VideoWriter:
                 self._send_audio(self._samples_until(self.frames_written))
         except (av.FFmpegError, OSError) as err:
             self.abort()
-            raise MuseTalkError(f"writing {self.path} failed at frame {self.frames_written}: {err}",
+            raise StorageError(f"writing {self.path} failed at frame {self.frames_written}: {err}",
                                 "check free disk space and write permission on the output folder") from None
 
     def _mux(self, packets: Any) -> None:
@@ -440,7 +522,7 @@ class VideoWriter:
         except BaseException as err:
             self.abort()
             if isinstance(err, (av.FFmpegError, OSError)):
-                raise MuseTalkError(f"finishing {self.path} failed: {err}",
+                raise StorageError(f"finishing {self.path} failed: {err}",
                                     "check free disk space and write permission on the output folder") from None
             raise
         self._closed = True

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from musetalk.testing.golden_common import StageResult, exact, frac_within, guarded, max_abs
+from musetalk.weights.registry import WEIGHTS
 
 TOL_AUDIO = 1e-4  # mel, audio windows, positional encoding, latents: max abs
 TOL_UNET = 1e-3
@@ -26,8 +27,9 @@ CROP_LEVELS, CROP_FRACTION = 2, 0.995
 class _Set:
     """A golden set opened lazily: manifest parameters, arrays and the models built from its own files."""
 
-    def __init__(self, set_dir: Path) -> None:
+    def __init__(self, set_dir: Path, backend: str = "torch") -> None:
         self.dir = set_dir
+        self.backend = backend  # torch | mlx: which implementation runs the UNet and the VAE
         self.manifest = json.loads((set_dir / "manifest.json").read_text())
         self.g = np.load(set_dir / "golden.npz")
         inputs = self.manifest.get("inputs", {})
@@ -36,8 +38,7 @@ class _Set:
         self.extra_margin = int(inputs.get("extra_margin", 10 if self.version == "v15" else 0))
         self.n_unet = int(inputs.get("frames_used_for_unet", len(self.g["unet_input_latents"])))
         self.cheek = int(self.manifest.get("cheek_widths", 90 if self.version == "v15" else 80))
-        unet_file = self.manifest.get("unet_file", "musetalkV15/unet.pth" if self.version == "v15"
-                                      else "musetalk/pytorch_model.bin")
+        unet_file = self.manifest.get("unet_file", WEIGHTS[f"unet-{self.version}"].dest)
         self.unet_weights = set_dir / "models" / unet_file
         self.unet_config = self.unet_weights.parent / "musetalk.json"
         audio_rel = str(inputs.get("audio", "inputs/speech.wav")).split()[0]
@@ -50,6 +51,12 @@ class _Set:
             if name == "audio":
                 from musetalk.stages.audio import AudioEncoder
                 self._cache[name] = AudioEncoder.from_pretrained(models / "whisper")
+            elif name == "vae" and self.backend == "mlx":
+                from musetalk.stages.mlx.vae import MLXVAE
+                self._cache[name] = MLXVAE.from_pretrained(models / "sd-vae", cache=False)  # goldens stay read-only
+            elif name == "unet" and self.backend == "mlx":
+                from musetalk.stages.mlx.unet import MLXUNet
+                self._cache[name] = MLXUNet.from_pretrained(self.unet_config, self.unet_weights, cache=False)
             elif name == "vae":
                 from musetalk.stages.vae import VAE
                 self._cache[name] = VAE.from_pretrained(models / "sd-vae")
@@ -58,7 +65,7 @@ class _Set:
                 self._cache[name] = UNet.from_pretrained(self.unet_config, self.unet_weights)
             elif name == "parser":
                 from musetalk.stages.parsing import FaceParser
-                self._cache[name] = FaceParser.from_pretrained(models / "face-parse-bisent" / "79999_iter.pth")
+                self._cache[name] = FaceParser.from_pretrained(models / WEIGHTS["face-parse"].dest)
         return self._cache[name]
 
     def face_box(self, coord: np.ndarray, frame_height: int) -> tuple[int, int, int, int]:
@@ -180,10 +187,13 @@ def _chained(s: _Set) -> list[StageResult]:
     return rows
 
 
-def verify(set_dir: Path) -> list[StageResult]:
-    """Run every stage of a MuseTalk golden set; one StageResult per compared array."""
+def verify(set_dir: Path, backend: str = "torch") -> list[StageResult]:
+    """Run every stage of a MuseTalk golden set; one StageResult per compared array.
+
+    ``backend="mlx"`` runs the UNet and the VAE (model stages and the chained run) on MLX, same tolerances.
+    """
     torch.manual_seed(0)
-    s = _Set(Path(set_dir))
+    s = _Set(Path(set_dir), backend)
     rows: list[StageResult] = []
     for name, fn in (("audio", _audio_stages), ("faces", _face_stages), ("models", _model_stages),
                      ("parsing", _parsing_stages), ("blending", _blend_stages), ("chained", _chained)):

@@ -1,74 +1,41 @@
 """All weight I/O: the official ``models/`` layout, safe loading and strict key checks.
 
-Checkpoints are read with ``safetensors`` or ``torch.load(..., weights_only=True)``; a pickle that tries
-to run code is refused. ``torch.load`` is never patched.
+Files are read by :mod:`musetalk.weights.reader` (every official format, weights_only-level safety: a pickle that
+would run code is refused); :mod:`musetalk.weights.registry` is the one table of files. ``torch.load`` is never
+patched. Importing this package is cheap (no torch): the CLI reads the registry before any command runs.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
-
-import torch
+from typing import TYPE_CHECKING, Any, Mapping
 
 from musetalk.errors import WeightsError
+from musetalk.weights.registry import VERSIONS, WEIGHTS, WeightFile, version_files, weight_file
+
+if TYPE_CHECKING:
+    import torch
+
+    from musetalk.weights.reader import OpaqueObject, converted_path, load_state_dict, read_checkpoint, sniff_format
+
+# the reader (torch, numpy) is imported on first use, so that the registry and layouts stay cheap to import
+_FROM_READER = ("OpaqueObject", "converted_path", "load_state_dict", "read_checkpoint", "sniff_format")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _FROM_READER:
+        return getattr(importlib.import_module("musetalk.weights.reader"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["DOWNLOAD_HINT", "LAYOUTS", "ModelLayout", "OpaqueObject", "WEIGHTS", "WeightFile", "converted_path",
+           "default_models_dir", "file_fingerprint", "find_weights_file", "layout", "load_into", "load_state_dict",
+           "read_checkpoint", "sniff_format", "weight_file"]
 
 DOWNLOAD_HINT = "run `musetalk download --dir {models}` (or `musetalk tiny-weights --dir {models}` for random test weights)"
-_LFS_POINTER_PREFIX = b"version https://git-lfs.github.com/spec/"
-
-
-def _looks_like_lfs_pointer(path: Path) -> bool:
-    if path.stat().st_size > 1024:
-        return False
-    with open(path, "rb") as f:
-        return f.read(len(_LFS_POINTER_PREFIX)) == _LFS_POINTER_PREFIX
-
-
-def load_state_dict(path: str | os.PathLike, *, fix: str | None = None) -> dict[str, torch.Tensor]:
-    """Load a plain state dict (``.safetensors``, ``.pth``, ``.bin``, ``.pt``, ``.model``) on the CPU.
-
-    Raises :class:`WeightsError` naming the file and ``fix`` for a missing, truncated, Git-LFS-pointer,
-    unsafe (code-running pickle) or non-state-dict file.
-    """
-    path = Path(path)
-    fix = fix or "download the official file again (`musetalk download`)"
-    if not path.is_file():
-        raise WeightsError(f"weights file not found: {path}", fix)
-    if path.stat().st_size == 0:
-        raise WeightsError(f"weights file is empty: {path}", fix)
-    if _looks_like_lfs_pointer(path):
-        raise WeightsError(f"{path} is a Git LFS pointer, not the weights", "run `git lfs pull` or " + fix)
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path), device="cpu")
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise WeightsError(f"cannot read {path} as safetensors ({exc})", fix) from None
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, zipfile errors...
-        text = str(exc)
-        if "Weights only load failed" in text or "Unsupported global" in text or "unpickl" in text.lower():
-            raise WeightsError(
-                f"refused to load {path}: it is not a plain tensor checkpoint (a pickle that would run code or "
-                "build arbitrary objects); MuseTalk Studio only loads weights with weights_only=True",
-                "use the official checkpoint; never load files from untrusted sources") from None
-        if isinstance(exc, (EOFError, zipfile.BadZipFile)) or "zip archive" in text or "truncat" in text.lower() \
-                or "central directory" in text or "PytorchStreamReader" in text:
-            raise WeightsError(f"{path} is truncated or corrupt ({type(exc).__name__}: {text.splitlines()[0]})",
-                               fix) from None
-        raise WeightsError(f"cannot load {path} ({type(exc).__name__}: {text.splitlines()[0] if text else ''})",
-                           fix) from None
-    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-        obj = obj["state_dict"]
-    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise WeightsError(f"{path} does not hold a state dict of tensors (got {type(obj).__name__})", fix)
-    return dict(obj)
 
 
 def load_into(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], *, source: str | os.PathLike,
@@ -99,30 +66,37 @@ def load_into(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], *
     return module
 
 
+def _folder(key: str) -> str:
+    return WEIGHTS[key].dest.rsplit("/", 1)[0]
+
+
 @dataclass(frozen=True)
 class ModelLayout:
-    """Where each part lives inside a ``models/`` folder (the official MuseTalk layout)."""
+    """Where each part lives inside a ``models/`` folder (the official MuseTalk layout, from the registry)."""
 
     unet_dir: str
     unet_weights: str
-    vae_dir: str = "sd-vae"
-    whisper_dir: str = "whisper"
-    face_parse: str = "face-parse-bisent/79999_iter.pth"
-    face_parse_backbone: str = "face-parse-bisent/resnet18-5c106cde.pth"  # optional
+    vae_dir: str = _folder("vae")
+    whisper_dir: str = _folder("whisper")
+    face_parse: str = WEIGHTS["face-parse"].dest
+    face_parse_backbone: str = WEIGHTS["face-parse-backbone"].dest  # optional
+    version: str = "v15"
 
     @property
     def unet_config(self) -> str:
-        return f"{self.unet_dir}/musetalk.json"
+        return WEIGHTS[f"unet-{self.version}-config"].dest
 
     def required_files(self) -> list[str]:
-        return [self.unet_config, f"{self.unet_dir}/{self.unet_weights}", f"{self.vae_dir}/config.json",
-                f"{self.whisper_dir}/config.json", f"{self.whisper_dir}/preprocessor_config.json", self.face_parse]
+        """Files generation needs under these exact names (the VAE and Whisper weights may also be safetensors)."""
+        return [w.dest for w in version_files(self.version) if w.required and w.alternative is None]
 
 
-LAYOUTS: dict[str, ModelLayout] = {
-    "v15": ModelLayout(unet_dir="musetalkV15", unet_weights="unet.pth"),
-    "v1": ModelLayout(unet_dir="musetalk", unet_weights="pytorch_model.bin"),
-}
+def _layout_from_registry(version: str) -> ModelLayout:
+    unet_dir, unet_weights = WEIGHTS[f"unet-{version}"].dest.rsplit("/", 1)
+    return ModelLayout(unet_dir=unet_dir, unet_weights=unet_weights, version=version)
+
+
+LAYOUTS: dict[str, ModelLayout] = {version: _layout_from_registry(version) for version in VERSIONS}
 
 
 def layout(version: str) -> ModelLayout:

@@ -32,17 +32,20 @@ def add_batch_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_batch(args: argparse.Namespace) -> int:
-    """``musetalk batch``: 0 when every row made its video, 1 when some did not, 130 on Ctrl-C."""
+    """``musetalk batch``: 0 when every row made its video, 1 when some did not, 128 + signal when interrupted
+    (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP)."""
     from musetalk.frontends.cli import _config
+    from musetalk.frontends.signals import exit_status, interrupt_signal, signal_name
 
     try:
         report = run(args.jobs, args.output_dir, config=_config(args), models=args.models, ray=args.ray,
                      workers=args.workers, cpus_per_worker=args.cpus_per_worker, retries=args.retries,
                      collect=args.collect, skip_invalid=args.skip_invalid, summary=args.summary,
                      progress=not args.quiet)
-    except KeyboardInterrupt:
-        print("interrupted: finished videos are kept, no partial file was left; see the summary", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM / SIGHUP (musetalk.frontends.signals)
+        print(f"interrupted ({signal_name(interrupt_signal(exc))}): finished videos are kept, no partial file was "
+              "left; see the summary", file=sys.stderr)
+        return exit_status(exc)
     counts = ", ".join(f"{report.count(s)} {s}" for s in STATES if report.count(s))
     print(f"{counts} in {report.seconds:.1f} s ({report.mode}, {report.workers} worker(s)) -> {report.output_dir}")
     print(f"summary: {report.summary}")

@@ -7,25 +7,20 @@ import csv
 import json
 import os
 from collections import OrderedDict
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Hashable, Iterable, Mapping, Sequence
 
-from musetalk.config import BlendConfig, CropConfig, GenerationConfig, SilenceConfig, preset, with_overrides
+from musetalk.config import GenerationConfig, preset, with_overrides
+from musetalk.frontends.options import batch_wide_settings, row_settings
 from musetalk.errors import InputError
 
 JOB_FILE_SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
-# Row settings: every GenerationConfig field a row may change. Runtime fields (device, dtype, batch size) and
-# the version are set once for the batch because the models are loaded once.
-ROW_SETTINGS: dict[str, type] = {
-    **{f.name: {"int": int, "float": float, "str": str}[str(f.type)] for f in fields(CropConfig)},
-    **{f.name: {"int": int, "float": float, "str": str}[str(f.type)] for f in fields(BlendConfig)},
-    **{f.name: {"int": int, "float": float, "str": str}[str(f.type)] for f in fields(SilenceConfig)},
-    "fps": float,
-}
+# Row settings: every per-run setting of the config dataclasses (musetalk.frontends.options). Runtime fields
+# (device, dtype, batch size) and the version are set once for the batch because the models are loaded once.
+ROW_SETTINGS: dict[str, type] = row_settings()
 _ONCE = "it is set once for the whole batch: {} (or batch.run(config=...))"
-BATCH_WIDE = {"version": _ONCE.format("--version"), "device": _ONCE.format("--device"),
-              "dtype": _ONCE.format("--dtype"), "batch_size": _ONCE.format("--batch-size"),
+BATCH_WIDE = {**{s.name: _ONCE.format(s.flag) for s in batch_wide_settings()},
               "avatar": "remove the column: the batch names, prepares and reuses avatars itself"}
 _KIND_NAMES = {int: "a whole number", float: "a number", str: "text"}
 
@@ -241,13 +236,49 @@ def _assign_outputs(jobs: list[Job]) -> tuple[list[Job], list[RowError]]:
     return out, errors
 
 
+def _row_inputs(cells: Mapping[str, Any], folder: Path) -> list[Path]:
+    """The source and audio paths a row names (valid or not: an invalid row's files are the user's files too)."""
+    named = {str(k).strip().lower().replace("-", "_"): v for k, v in cells.items()}
+    values = [str(named.get(column) or "").strip() for column in ("source", "audio")]
+    return [(folder / Path(value).expanduser()).resolve() for value in values if value]
+
+
+def _output_errors(jobs: list[Job], output_dir: Path, inputs: Mapping[int, list[Path]]) -> list[RowError]:
+    """Rows whose output would overwrite an input of any row, or the output of an earlier row (the same file under
+    another spelling: a symlinked subfolder, another case)."""
+    from musetalk.stream.paths import file_key, find_input_clash
+
+    roles = {f"{'source' if i == 0 else 'audio'} of row {row}": path
+             for row, paths in inputs.items() for i, path in enumerate(paths)}
+    errors: list[RowError] = []
+    written: dict[str, int] = {}
+    for job in jobs:
+        final = output_dir / job.output
+        clash = find_input_clash(final, roles)
+        if clash is not None:
+            errors.append(RowError(job.row, "output", f"{final} is the same file as the {clash[0]} ({clash[1]}): "
+                                   "writing it would destroy that input",
+                                   "give the row another output name, or choose another --output-dir"))
+            continue
+        key = file_key(final)
+        if key in written:
+            errors.append(RowError(job.row, "output", f"{final} is the same file as the output of row {written[key]}",
+                                   "give each row its own output name"))
+            continue
+        written[key] = job.row
+    return errors
+
+
 def load_jobs(jobs: str | os.PathLike | Iterable[Mapping[str, Any]], config: GenerationConfig | None = None,
-              base_dir: str | os.PathLike | None = None) -> tuple[list[Job], list[RowError], int]:
+              base_dir: str | os.PathLike | None = None, output_dir: str | os.PathLike | None = None
+              ) -> tuple[list[Job], list[RowError], int]:
     """Read and validate every row; returns (valid jobs, errors of all invalid rows, number of rows).
 
     jobs: a .csv / .jsonl path (paths in it are relative to its folder) or rows as mappings (relative to
     ``base_dir``, default the working directory; row numbers are then 1-based list positions).
     config: the settings every row starts from (default: the v1.5 preset); rows override per-row settings.
+    output_dir: where the videos will go; when given, a row whose output is the same file as any row's input, or
+    as another row's output, is invalid (checked here, before any row runs).
     """
     base = (config or preset("v15")).validate()
     if isinstance(jobs, (str, os.PathLike)):
@@ -264,6 +295,11 @@ def load_jobs(jobs: str | os.PathLike | Iterable[Mapping[str, Any]], config: Gen
             parsed.append(job)
     bad = {e.row for e in errors}  # includes rows with a syntax error (e.g. too many CSV cells) that parsed
     parsed, output_errors = _assign_outputs([job for job in parsed if job.row not in bad])
+    if output_dir is not None:
+        clashes = _output_errors(parsed, Path(output_dir).expanduser().resolve(),
+                                 {number: _row_inputs(cells, folder) for number, cells in rows})
+        output_errors += clashes
+        parsed = [job for job in parsed if job.row not in {e.row for e in clashes}]
     errors += output_errors
     total = len({number for number, _ in rows} | bad)
     if total == 0:

@@ -14,12 +14,14 @@ from musetalk.config import GenerationConfig
 from musetalk.errors import InputError
 
 if TYPE_CHECKING:  # torch-heavy: imported when a batch runs, not when the CLI is built
+    from musetalk.hooks import RunHooks
     from musetalk.stream.pipeline import MuseTalkPipeline
 
 
 # -- 4a. local mode ---------------------------------------------------------------------------------------------
 def _run_local(jobs: list[Job], outputs: _Outputs, config: GenerationConfig, models: str | os.PathLike | None,
-               pipeline: MuseTalkPipeline | None, on_job_start: Callable[[JobStarted], None] | None) -> float:
+               pipeline: MuseTalkPipeline | None, on_job_start: Callable[[JobStarted], None] | None,
+               hooks: RunHooks | None = None) -> float:
     """Every job in this process with one pipeline; returns when the models were ready (time.perf_counter)."""
     from musetalk.stream.pipeline import MuseTalkPipeline
 
@@ -27,12 +29,13 @@ def _run_local(jobs: list[Job], outputs: _Outputs, config: GenerationConfig, mod
     try:
         if pipeline is None:
             pipeline = MuseTalkPipeline.from_pretrained(models, version=config.version,
-                                                        device=config.runtime.device, dtype=config.runtime.dtype)
+                                                        device=config.runtime.device, dtype=config.runtime.dtype,
+                                                        backend=config.runtime.backend)
         elif pipeline.version != config.version:
             raise InputError(f"the pipeline runs {pipeline.version} but the batch asks for {config.version}",
                              "load the pipeline for the batch's version, or set the version to match")
         ready_at = time.perf_counter()
-        runner = JobRunner(pipeline)
+        runner = JobRunner(pipeline, hooks=hooks)
         while todo:
             job = todo[0]
             staged = outputs.staged(job)
@@ -42,7 +45,7 @@ def _run_local(jobs: list[Job], outputs: _Outputs, config: GenerationConfig, mod
             result.attempts = 1
             outputs.finish(job, result)
             todo.popleft()
-    except BaseException:  # Ctrl-C, or models that cannot load: the rows not done are recorded as cancelled
+    except BaseException:  # Ctrl-C, a cancel, or models that cannot load: the rows not done are recorded as cancelled
         _cancel(outputs, todo, {})
         raise
     return ready_at

@@ -16,6 +16,7 @@ from typing import Any, Callable, Hashable, Mapping
 from musetalk.frontends.batch.jobs import Job, order_by_group
 from musetalk.frontends.batch.outputs import JobResult, JobStarted, _cancel, _Outputs
 from musetalk.frontends.batch.runner import JobRunner
+from musetalk.frontends.signals import reclaim as reclaim_stop_signals
 from musetalk.config import GenerationConfig
 from musetalk.errors import InputError, MuseTalkError
 
@@ -45,7 +46,7 @@ class BatchWorker:
         self._inputs: dict[str, Path] = {}
         try:
             pipe = MuseTalkPipeline.from_pretrained(models, version=config.version, device=config.runtime.device,
-                                                    dtype=config.runtime.dtype)
+                                                    dtype=config.runtime.dtype, backend=config.runtime.backend)
             self.runner = JobRunner(pipe, self.name)
         except MuseTalkError as exc:
             self.error = exc.message + (f" (fix: {exc.fix})" if exc.fix else "")
@@ -124,6 +125,7 @@ def _connect(ray: Any, address: bool | str) -> bool:
             raise MuseTalkError(f"cannot join the Ray cluster at {address}: {err}",
                                 "start it with `ray start --head` (then use --ray auto), or check the ray:// "
                                 "address and port (10001 by default)") from None
+    reclaim_stop_signals()  # ray.init replaced our SIGTERM handler with sys.exit(15): no cleanup message, status 15
     return True
 
 

@@ -12,9 +12,10 @@ from typing import TYPE_CHECKING
 
 from musetalk.frontends.batch.jobs import Job
 from musetalk.frontends.batch.outputs import JobResult
-from musetalk.errors import MuseTalkError
+from musetalk.errors import Cancelled, MuseTalkError
 
 if TYPE_CHECKING:  # torch-heavy: imported when a batch runs, not when the CLI is built
+    from musetalk.hooks import RunHooks
     from musetalk.stream.pipeline import MuseTalkPipeline
 
 log = logging.getLogger("musetalk.frontends.batch")  # one logger name for the whole package, as before the split
@@ -26,8 +27,9 @@ class JobRunner:
     so a source is prepared once per settings and reused by later jobs, later batches and other workers of the
     same machine (the cache checks the source's content hash and every setting before reusing)."""
 
-    def __init__(self, pipe: MuseTalkPipeline, worker: str = "local") -> None:
+    def __init__(self, pipe: MuseTalkPipeline, worker: str = "local", hooks: RunHooks | None = None) -> None:
         self.pipe = pipe
+        self.hooks = hooks
         self.worker = worker
         self._hashes: dict[tuple[str, int, int], str] = {}
 
@@ -45,11 +47,14 @@ class JobRunner:
 
     def run(self, job: Job, out: Path) -> JobResult:
         """Generate ``job`` into ``out`` (its folder must exist). Never raises for a failed job (KeyboardInterrupt
-        and SystemExit do propagate): the error, with its fix, is in the result."""
+        and SystemExit do propagate, and so does Cancelled from the hooks): the error, with its fix, is in the
+        result."""
         started = time.perf_counter()
         try:
             result = self.pipe.generate(job.source, job.audio, out, job.config, avatar=self.avatar_name(job),
-                                        progress=False)
+                                        progress=False, hooks=self.hooks)
+        except Cancelled:
+            raise
         except MuseTalkError as exc:
             error = exc.message + (f" (fix: {exc.fix})" if exc.fix else "")
         except Exception as exc:  # a bug or an out-of-memory must not stop the other jobs; logged with traceback

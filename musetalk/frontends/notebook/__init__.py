@@ -61,7 +61,7 @@ def models_dir(use_tiny: bool | None = None, version: str = "v15", verbose: bool
     use_tiny=False: real weights or a WeightsError that says how to download them.
     Prints which one it chose and why (``verbose``).
     """
-    from musetalk.testing.tiny import is_tiny, write_tiny_models
+    from musetalk.stages.tiny import is_tiny, write_tiny_models
     from musetalk.weights import DOWNLOAD_HINT
 
     def say(text: str) -> None:
@@ -164,7 +164,7 @@ def download_target() -> Path:
 
 def is_tiny(models: str | os.PathLike) -> bool:
     """True for a folder of tiny random weights (generated faces are noise; runs are kept short)."""
-    from musetalk.testing.tiny import is_tiny as _is_tiny
+    from musetalk.stages.tiny import is_tiny as _is_tiny
 
     return _is_tiny(models)
 
@@ -180,10 +180,11 @@ def checks_table(checks: list[Any]) -> str:
 
 
 def profile_generate(pipe: Any, source: str | os.PathLike, audio: str | os.PathLike, config: Any = None,
-                     avatar: str | None = None, label: str | None = None, profiler: Any = None, **meta: Any) -> Any:
+                     avatar: str | None = None, label: str | None = None, profiler: Any = None,
+                     output: str | os.PathLike | None = None, **meta: Any) -> Any:
     """Run ``pipe.generate`` under a Profiler (or the one given, e.g. a LiveDashboard) and return its ProfileReport.
 
-    The video goes to :func:`outputs_dir`; ``avatar`` reuses a prepared source so that only generation is timed
+    The video goes to ``output`` (default: a file in :func:`outputs_dir`); ``avatar`` reuses a prepared source so that only generation is timed
     after the first run. ``meta`` (and dtype, batch size, label, audio length) are stored in the report.
     """
     from musetalk.stages.audio import SAMPLE_RATE, load_audio
@@ -192,9 +193,9 @@ def profile_generate(pipe: Any, source: str | os.PathLike, audio: str | os.PathL
     config = config if config is not None else pipe.default_config()
     label = label or f"{dtype_name(pipe.dtype)} bs{config.runtime.batch_size}"
     prof = profiler if profiler is not None else Profiler(device=pipe.device)
-    output = outputs_dir() / f"profile-{''.join(ch if ch.isalnum() else '-' for ch in label)}.mp4"
+    output = output or outputs_dir() / f"profile-{''.join(ch if ch.isalnum() else '-' for ch in label)}.mp4"
     with prof:
-        result = pipe.generate(source, audio, output, config, avatar=avatar, progress=False, profiler=prof)
+        result = pipe.generate(source, audio, output, config, avatar=avatar, progress=False, hooks=prof)
     seconds = len(load_audio(audio)) / SAMPLE_RATE
     return prof.report(meta={"label": label, "dtype": dtype_name(pipe.dtype), "batch_size": config.runtime.batch_size,
                              "audio_s": round(seconds, 3), "source": str(source), "output": str(result.path), **meta})

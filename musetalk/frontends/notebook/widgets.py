@@ -32,6 +32,7 @@ import numpy as np
 
 from musetalk.frontends.notebook import viz
 from musetalk.errors import InputError
+from musetalk.hooks import Hooks
 
 if TYPE_CHECKING:
     from musetalk.stages.blending import BlendMaterial
@@ -310,10 +311,10 @@ class BboxShiftTuner:
         return f"BboxShiftTuner({self.source.name!r}: {self.describe()})"
 
 
-class LiveDashboard:
+class LiveDashboard(Hooks):
     """Progress, fps and memory of a running generation, redrawn every ``every`` output frames.
 
-    Pass it wherever the pipeline takes a profiler (``generate``/``stream``/``prepare_avatar``): it forwards
+    Run hooks (:mod:`musetalk.hooks`): pass it as ``hooks=`` to ``generate``/``stream``/``prepare_avatar``: it forwards
     ``stage`` and ``frame_done`` to the wrapped :class:`~musetalk.profiling.Profiler` and redraws from its data, so
     there is one code path with or without the dashboard. Redraws happen on the thread that calls ``frame_done``
     (the one iterating the stream) and at most every ``min_interval`` seconds (the plot costs ~0.1 s on a CPU);
@@ -346,6 +347,11 @@ class LiveDashboard:
         with self.profiler.stage(name, sync):
             yield
 
+    def progress(self, phase: str, done: int, total: int | None) -> None:
+        """Learn the number of output frames when generation starts (unless it was given)."""
+        if phase == "generate" and done == 0 and self.total is None:
+            self.total = total
+
     def frame_done(self) -> None:
         """Count one output frame; redraw every ``every`` frames (throttled) and at the last one."""
         self.profiler.frame_done()
@@ -356,6 +362,10 @@ class LiveDashboard:
         due = frames % self.every == 0 and time.perf_counter() - self._last_refresh >= self.min_interval
         if last or due:
             self.refresh()
+
+    def frame_latency(self, seconds: float, late: bool = False) -> None:
+        """A live session's per-frame latency, passed on to the profiler (shown in the status line)."""
+        self.profiler.frame_latency(seconds, late)
 
     def start(self) -> LiveDashboard:
         """Start the profiler (wall clock, memory sampling) and draw the empty dashboard."""
@@ -391,6 +401,10 @@ class LiveDashboard:
                  f"{fps:.2f} fps" if fps is not None else "fps: -", f"{report.wall_s:.1f} s"]
         if rss is not None:
             parts.append(f"RSS {format_bytes(rss)}")
+        lat = report.latency
+        if lat.get("frames"):  # live sessions: audio that completes a frame -> the frame out
+            parts.append(f"latency first {1e3 * lat['first_s']:.0f} ms, p50 {1e3 * lat['p50_s']:.0f} ms, "
+                         f"p95 {1e3 * lat['p95_s']:.0f} ms, {lat['late']} late")
         return " &middot; ".join(parts)
 
     def refresh(self) -> None:

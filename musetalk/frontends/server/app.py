@@ -7,12 +7,13 @@ import hmac
 import ipaddress
 import logging
 import os
+import re
 import signal
 import time
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
-from fastapi import FastAPI, File, Form, Path as PathParam, Query, Request, UploadFile
+from fastapi import FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
@@ -23,8 +24,10 @@ from musetalk import __version__
 from musetalk.errors import MuseTalkError
 from musetalk.frontends.server.errors import ApiError, http_error
 from musetalk.frontends.server.jobs import GenerationService, Job, memory_figures
+from musetalk.frontends.server.live import add_live_routes
 from musetalk.frontends.server.schemas import MP4, ErrorBody, Health, JobStatus, ServiceInfo, ShutdownStatus, _errors
-from musetalk.frontends.server.settings import FORM_INT_BOUND, JOB_ID_PATTERN, POLL_S, Loader, ServerSettings
+from musetalk.frontends.options import overrides_from, with_form_settings
+from musetalk.frontends.server.settings import JOB_ID_PATTERN, POLL_S, Loader, ServerSettings
 from musetalk.frontends.server.uploads import BodyLimit
 
 if TYPE_CHECKING:
@@ -50,6 +53,7 @@ def create_app(pipeline_or_loader: "MuseTalkPipeline | Loader", settings: Server
         try:
             yield
         finally:
+            await run_in_threadpool(_app.state.live.close)  # live sessions and prepared avatars
             await run_in_threadpool(service.close)
 
     app = FastAPI(title="MuseTalk Studio", version=__version__, lifespan=lifespan,
@@ -60,6 +64,7 @@ def create_app(pipeline_or_loader: "MuseTalkPipeline | Loader", settings: Server
     _add_error_handlers(app)
     _add_info_routes(app, service)
     _add_job_routes(app, service)
+    app.state.live = add_live_routes(app, service)  # /avatars and the /avatars/{id}/live WebSocket
     return app
 
 
@@ -96,7 +101,9 @@ def _add_info_routes(app: FastAPI, service: GenerationService) -> None:
                 "models": {"loaded": service.loaded_versions(), "default": settings.default_version},
                 "limits": {"queue_size": settings.queue_size, "max_upload_bytes": settings.max_upload_bytes,
                            "max_audio_seconds": settings.max_audio_seconds, "max_batch_size": settings.max_batch_size,
-                           "result_ttl_s": settings.result_ttl_s}}
+                           "result_ttl_s": settings.result_ttl_s, "max_source_frames": settings.max_source_frames,
+                           "max_source_pixels": settings.max_source_pixels,
+                           "max_source_seconds": settings.max_source_seconds}}
 
     @app.get("/health", response_model=Health, responses=_errors(503), summary="Liveness and memory")
     def health() -> JSONResponse:
@@ -123,53 +130,56 @@ def _add_job_routes(app: FastAPI, service: GenerationService) -> None:
     @app.post("/generate", summary="Lip-sync a source (image or video) to an audio file",
               responses={200: {"description": "the lip-synced video (H.264 + AAC)", **MP4},
                          202: {"model": JobStatus, "description": "queued (async=true)"},
-                         **_errors(413, 415, 422, 429, 503)})
+                         **_errors(413, 415, 422, 429, 503, 507)})
+    @with_form_settings  # + one form field per generation setting (bbox_shift, parsing_mode, ...): see options.py
     async def generate(
         request: Request,
         source: UploadFile = File(..., description="face image (png/jpg/bmp/webp/tiff) or video (mp4/mov/mkv/avi)"),
         audio: UploadFile = File(..., description="speech: wav/mp3/m4a/flac/ogg, or a video with sound"),
-        version: str | None = Form(None, description="v15 (default) or v1"),
-        bbox_shift: int | None = Form(None, ge=-FORM_INT_BOUND, le=FORM_INT_BOUND, description="px, + moves the "
-                                      "crop's upper edge down (more mouth opening)"),
-        extra_margin: int | None = Form(None, ge=-FORM_INT_BOUND, le=FORM_INT_BOUND, description="px below the chin"),
-        parsing_mode: str | None = Form(None, description="raw | jaw | neck"),
-        fps: float | None = Form(None, description="output fps for image sources (videos keep theirs)"),
-        batch_size: int | None = Form(None, ge=-FORM_INT_BOUND, le=FORM_INT_BOUND, description="frames per model call"),
         avatar: str | None = Form(None, description="name of a cached avatar to reuse or create (shared with the CLI)"),
-        silence: str | None = Form(None, description="pauses: source (default) | closed | off"),
-        smoothing: str | None = Form(None, description="crop box over a video: off (default) | one_euro"),
         run_async: bool = Form(False, alias="async", description="return 202 and a job id instead of waiting"),
+        **settings: Any,
     ) -> Any:
         """Waits and answers the mp4 (X-Job-Id, X-Frames headers), or with async=true answers 202 at once."""
-        config = service.make_config(version, bbox_shift=bbox_shift, extra_margin=extra_margin,
-                                     parsing_mode=parsing_mode, fps=fps, batch_size=batch_size, silence=silence,
-                                     smoothing=smoothing)
+        fields = overrides_from(settings)
+        config = service.make_config(fields.pop("version", None), **fields)
         job = await run_in_threadpool(service.submit, config, avatar, source.file, audio.file, not run_async)
         if run_async:
             return JSONResponse(service.status(job), status_code=202, headers={"Location": f"/jobs/{job.id}"})
         return await _wait_for(request, service, job)
 
-    @app.get("/jobs/{job_id}", response_model=JobStatus, responses=_errors(404, 422), summary="State of a job")
-    def job_status(job_id: str = PathParam(..., pattern=JOB_ID_PATTERN)) -> dict[str, Any]:
+    # Job ids are not validated as request parameters (that answered 422): any id that is not one of ours, well-formed
+    # or not, is simply unknown -> 404 with the usual error body.
+    @app.get("/jobs/{job_id}", response_model=JobStatus, responses=_errors(404), summary="State of a job")
+    def job_status(job_id: str) -> dict[str, Any]:
         """State, stage, queue position, progress, speed and error of a job."""
-        return service.status(service.get(job_id))
+        return service.status(find_job(service, job_id))
 
     @app.get("/jobs/{job_id}/result", response_class=FileResponse, summary="The mp4 of a finished job",
-             responses={200: {"description": "the lip-synced video", **MP4}, **_errors(404, 409, 422)})
-    def job_result(job_id: str = PathParam(..., pattern=JOB_ID_PATTERN)) -> FileResponse:
+             responses={200: {"description": "the lip-synced video", **MP4}, **_errors(404, 409)})
+    def job_result(job_id: str) -> FileResponse:
         """The mp4 of a done job; 409 while it is queued or running, or when it failed or was cancelled."""
-        job = service.get(job_id)
+        job = find_job(service, job_id)
         if job.state != "done":
             reason = f": {job.error.message}" if job.error else ""
             raise ApiError(409, "not_ready" if not job.done.is_set() else f"job_{job.state}",
                            f"job {job_id} is {job.state}{reason}", "poll GET /jobs/{id} until state is done")
         return FileResponse(job.result, media_type="video/mp4", filename=f"musetalk-{job_id[:8]}.mp4")
 
-    @app.delete("/jobs/{job_id}", response_model=JobStatus, responses=_errors(404, 422),
+    @app.delete("/jobs/{job_id}", response_model=JobStatus, responses=_errors(404),
                 summary="Cancel a job (queued or running), or delete a finished one and its result")
-    def cancel_job(job_id: str = PathParam(..., pattern=JOB_ID_PATTERN)) -> dict[str, Any]:
+    def cancel_job(job_id: str) -> dict[str, Any]:
         """A queued job is cancelled at once, a running one at its next frame; a finished one is deleted."""
-        return service.status(service.cancel(job_id))
+        return service.status(service.cancel(find_job(service, job_id).id))
+
+
+def find_job(service: GenerationService, job_id: str) -> Job:
+    """The job ``job_id`` names, or ApiError 404 for any other id: unknown, expired, deleted or malformed (a
+    malformed one is not echoed back: it may be huge or hold control characters)."""
+    if re.fullmatch(JOB_ID_PATTERN, job_id) is None:
+        raise ApiError(404, "unknown_job", "no such job (job ids are 32 lowercase hex digits)",
+                       "use the id that POST /generate answered")
+    return service.get(job_id)
 
 
 async def _wait_for(request: Request, service: GenerationService, job: Job) -> Any:

@@ -10,51 +10,79 @@ only when the command runs, so ``musetalk --help`` works without them. Also runn
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
+import signal
 import socket
 import sys
+import typing
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
-TOKEN_ENV = "MUSETALK_SERVER_TOKEN"  # a token in the environment stays out of `ps` listings
 
 log = logging.getLogger(__name__)
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of ``musetalk serve`` (defaults from ServerSettings where it has one)."""
+    from musetalk.frontends.options import add_setting_flags
+
     p = parser
     p.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST}: this machine "
                    "only; 0.0.0.0 opens the API to the network)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"TCP port (default {DEFAULT_PORT}; 0: any free one)")
     p.add_argument("--models", type=Path, default=None, help="models folder (default: $MUSETALK_MODELS or ./models)")
-    p.add_argument("--token", default=os.environ.get(TOKEN_ENV), help="bearer token required by POST /shutdown "
-                   f"(default ${TOKEN_ENV}); without one, only loopback clients may shut the server down")
-    p.add_argument("--version", default="v15", choices=["v15", "v1"], help="model version loaded at start and used "
-                   "when a request names none (the other one loads on its first request, if its weights exist)")
-    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu) | cpu | cuda | mps")
-    p.add_argument("--dtype", default="auto", help="auto | fp32 | fp16 | bf16")
-    p.add_argument("--queue-size", type=int, default=4, help="jobs that may wait behind the running one (then 429)")
-    p.add_argument("--max-upload-mb", type=float, default=256, help="largest request body in MiB (then 413)")
-    p.add_argument("--max-audio-seconds", type=float, default=900, help="longest audio accepted")
-    p.add_argument("--result-ttl", type=float, default=3600, help="seconds a finished job's result is kept")
-    p.add_argument("--work-dir", type=Path, default=None, help="where the temporary folder goes (default: system temp)")
-    p.add_argument("--shutdown-grace", type=float, default=60, help="seconds a running job may finish on shutdown")
+    add_setting_flags(p, scopes=("process",))  # --device, --dtype, ...: as for generate
+    for f, flag, unit in _server_fields():  # --queue-size, --max-upload-mb, ...: from ServerSettings
+        meta = f.metadata
+        default = os.environ.get(meta["env"]) if meta["env"] else f.default
+        if unit != 1 and default is not None:
+            default = default / unit
+        kind = _field_type(f)
+        shown = f"${meta['env']}" if meta["env"] else f"{default:g}" if isinstance(default, float) else default
+        p.add_argument(flag, dest=f.name, type=float if unit != 1 else kind, default=default, choices=meta["choices"],
+                       metavar=None if meta["choices"] else flag[2:].upper().replace("-", "_"),
+                       help=meta["help"] + (f" (default: {shown})" if shown is not None else ""))
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
-def _settings(args: argparse.Namespace):
-    from musetalk.errors import InputError
-    from musetalk.frontends.server import MiB, ServerSettings
+def _field_type(f: dataclasses.Field) -> type:
+    """int, float, str or Path: the field's type without ``| None``."""
+    from musetalk.frontends.server import ServerSettings
 
-    for name in ("queue_size", "max_upload_mb", "max_audio_seconds", "result_ttl", "shutdown_grace"):
-        if getattr(args, name) < (1 if name == "queue_size" else 0):
-            raise InputError(f"--{name.replace('_', '-')} must be positive", "see `musetalk serve --help`")
-    return ServerSettings(token=args.token or None, default_version=args.version, queue_size=args.queue_size,
-                          max_upload_bytes=int(args.max_upload_mb * MiB), max_audio_seconds=args.max_audio_seconds,
-                          result_ttl_s=args.result_ttl, work_dir=args.work_dir, shutdown_grace_s=args.shutdown_grace)
+    hint = typing.get_type_hints(ServerSettings)[f.name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def _server_fields() -> list[tuple[dataclasses.Field, str, int]]:
+    """(field, flag, unit) of every ServerSettings field."""
+    from musetalk.frontends.server import ServerSettings
+
+    return [(f, f.metadata.get("flag") or "--" + f.name.replace("_", "-"), f.metadata.get("unit", 1))
+            for f in dataclasses.fields(ServerSettings)]
+
+
+def _settings(args: argparse.Namespace):
+    """ServerSettings from the parsed flags (each checked against its minimum, converted from its unit)."""
+    from musetalk.errors import InputError
+    from musetalk.frontends.server import ServerSettings
+
+    values = {}
+    for f, flag, unit in _server_fields():
+        value = getattr(args, f.name)
+        minimum = f.metadata.get("minimum")
+        if minimum is not None and value is not None and value < minimum:
+            raise InputError(f"{flag} must be at least {minimum:g}", "see `musetalk serve --help`")
+        if unit != 1 and value is not None:
+            value = _field_type(f)(value * unit)
+        values[f.name] = value or None if f.name == "token" else value
+    return ServerSettings(**values)
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -75,7 +103,12 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    """Load the models, bind the socket, then serve until POST /shutdown or Ctrl-C. Returns the exit code."""
+    """Load the models, bind the socket, then serve until POST /shutdown or a stop signal. Returns the exit code.
+
+    SIGINT, SIGTERM and SIGHUP all stop the server gracefully: new jobs are refused and queued ones cancelled at
+    once, the running one is cancelled after ``--shutdown-grace`` s, the temporary folder is removed, the port
+    released; then the signal is raised again so the process exits with 128 + signal (via the CLI's handlers).
+    """
     from musetalk.errors import MuseTalkError
 
     try:
@@ -86,8 +119,9 @@ def run_serve(args: argparse.Namespace) -> int:
         raise MuseTalkError(f"the server needs fastapi, uvicorn and python-multipart ({exc.name} is missing)",
                             "pip install 'musetalk[server]'") from None
     settings = _settings(args)
-    loader = PipelineLoader(args.models, device=args.device, dtype=args.dtype)
-    loader(args.version)  # load now: missing weights stop here with their fix, before the port opens
+    loader = PipelineLoader(args.models, device=args.device or "auto", dtype=args.dtype or "auto",
+                            backend=args.backend or "auto")
+    loader(args.default_version)  # load now: missing weights stop here with their fix, before the port opens
     sock = bind_socket(args.host, args.port)
     host, port = sock.getsockname()[:2]
     if not is_loopback(host) and settings.token is None:
@@ -95,15 +129,56 @@ def run_serve(args: argparse.Namespace) -> int:
                     "refused to non-loopback clients", host)
     app = create_app(loader, settings)
     config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 5)
-    server = uvicorn.Server(config)
+    server = _graceful_server(uvicorn, config, app.state.service)
     app.state.request_shutdown = lambda: setattr(server, "should_exit", True)
     url_host = f"[{host}]" if ":" in host else host
     print(f"musetalk serve: http://{url_host}:{port} (docs at /docs)", flush=True)
+    hangups: list[int] = []
+    hup = getattr(signal, "SIGHUP", None)
+
+    def on_hangup(signum: int, frame: Any) -> None:
+        hangups.append(signum)
+        server.handle_exit(signum, frame)
+
+    previous_hup = signal.signal(hup, on_hangup) if hup is not None and _main_thread() else None
     try:
-        server.run(sockets=[sock])
+        server.run(sockets=[sock])  # uvicorn turns SIGINT / SIGTERM into its graceful stop, then re-raises them
     finally:
         sock.close()
+        if previous_hup is not None:
+            signal.signal(hup, previous_hup)
+    if hangups:  # re-raised like uvicorn does for SIGINT / SIGTERM: the CLI then exits with 128 + SIGHUP
+        signal.raise_signal(hangups[0])
     return 0 if server.started else 1
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+def _graceful_server(uvicorn: Any, config: Any, service: Any) -> Any:
+    """A uvicorn.Server whose first stop signal also refuses new jobs and cancels the queued ones at once, and
+    cancels the running job after the shutdown grace (uvicorn itself first waits for open connections)."""
+
+    class GracefulServer(uvicorn.Server):
+        stopping = False
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            super().handle_exit(sig, frame)
+            if not self.stopping:  # a thread: the signal handler must not take the service's lock itself
+                self.stopping = True
+                threading.Thread(target=stop_service, args=(service,), name="musetalk-stop", daemon=True).start()
+
+    return GracefulServer(config)
+
+
+def stop_service(service: Any) -> None:
+    """Refuse new jobs and cancel the queued ones now; give the running one ``shutdown_grace_s``, then cancel it."""
+    service.begin_shutdown()
+    deadline = time.monotonic() + service.settings.shutdown_grace_s
+    while service.snapshot()["running"] is not None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    service.begin_shutdown(cancel_running=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,13 +190,20 @@ def main(argv: list[str] | None = None) -> int:
     add_serve_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return run_serve(args)
-    except MuseTalkError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
-        if exc.fix:
-            print(f"  fix: {exc.fix}", file=sys.stderr)
-        return 2
+    from musetalk.frontends.signals import exit_status, interrupt_signal, signal_name, stop_signals_as_interrupt
+
+    with stop_signals_as_interrupt():  # the except clauses run inside: they read the signal
+        try:
+            return run_serve(args)
+        except MuseTalkError as exc:
+            print(f"error: {exc.message}", file=sys.stderr)
+            if exc.fix:
+                print(f"  fix: {exc.fix}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt as exc:  # the signal uvicorn re-raised after its graceful stop
+            print(f"interrupted ({signal_name(interrupt_signal(exc))}): server stopped, temporary files removed",
+                  file=sys.stderr)
+            return exit_status(exc)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
-from musetalk.errors import InputError, MuseTalkError, NoFaceError, WeightsError
+from musetalk.errors import InputError, MuseTalkError, NoFaceError, StorageError, WeightsError
 
 
 class ApiError(MuseTalkError):
@@ -43,7 +43,9 @@ def http_error(exc: BaseException) -> ApiError:
         return ApiError(422, "weights_unavailable", exc.message, exc.fix)
     if isinstance(exc, InputError):
         return ApiError(422, "invalid_input", exc.message, exc.fix)
-    if isinstance(exc, MuseTalkError):  # e.g. the result could not be written: the server's problem
+    if isinstance(exc, StorageError):  # the server's disk is full (or a file size limit): the client may retry
+        return ApiError(507, "insufficient_storage", exc.message, exc.fix)
+    if isinstance(exc, MuseTalkError):  # any other failure of the server's own
         return ApiError(500, "server_error", exc.message, exc.fix)
     return ApiError(500, "internal_error", "generation failed unexpectedly", "see the server log; please report it")
 

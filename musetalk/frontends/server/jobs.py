@@ -10,16 +10,16 @@ import tempfile
 import threading
 import time
 import uuid
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Iterator
+from typing import IO, TYPE_CHECKING, Any
 
 from musetalk.config import GenerationConfig, preset
-from musetalk.errors import InputError, MuseTalkError, WeightsError
+from musetalk.errors import Cancelled, InputError, MuseTalkError, WeightsError
+from musetalk.hooks import Hooks
 from musetalk.frontends.server.errors import ApiError, JobCancelled, http_error, redact
 from musetalk.frontends.server.settings import RESULT_NAME, JobState, Loader, ServerSettings
-from musetalk.frontends.server.uploads import store_upload
+from musetalk.frontends.server.uploads import check_media_limits, store_upload
 
 if TYPE_CHECKING:
     from musetalk.stream.pipeline import MuseTalkPipeline
@@ -66,27 +66,29 @@ class Job:
         return round(self.frames_done / max(end - self.generating_since, 1e-6), 3)
 
 
-class _JobProbe:
-    """Passed to ``prepare_avatar`` as its ``profiler``: each stage entry is a point where a cancelled job stops.
+class JobHooks(Hooks):
+    """The run hooks of one job: progress goes into the job's state, its cancel flag cancels the run.
 
-    prepare_avatar calls ``profiler.stage(name)`` around every landmark, crop, parsing and VAE call, so a cancel
-    lands within one stage (~0.1-1 s) even while preparing a long video. It is *not* given to ``stream``: there
-    an exception in the model thread would be handed over through a full queue; the frame loop checks instead.
+    The pipeline polls ``cancelled()`` before every source frame (preparation) and every output frame
+    (generation), so a cancel lands within about one frame's work.
     """
 
     def __init__(self, job: Job) -> None:
         self.job = job
 
-    def check(self) -> None:
-        """Raise JobCancelled when the job's cancel flag is set."""
-        if self.job.cancel.is_set():
-            raise JobCancelled(self.job.id)
+    def progress(self, phase: str, done: int, total: int | None) -> None:
+        job = self.job
+        if phase == "prepare":
+            job.stage = "preparing"
+        elif phase == "generate":
+            if done == 0:
+                job.stage, job.frames_total, job.generating_since = "generating", total, time.perf_counter()
+            job.frames_done = done
+            if total is not None and done >= total:
+                job.generating_until = time.perf_counter()
 
-    @contextmanager
-    def stage(self, _name: str) -> Iterator[None]:
-        """The profiler hook: a cancellation point before every stage call."""
-        self.check()
-        yield
+    def cancelled(self) -> bool:
+        return self.job.cancel.is_set()
 
 
 class GenerationService:
@@ -218,6 +220,7 @@ class GenerationService:
             source_path, _ = store_upload(source, folder, "source")
             audio_path, _ = store_upload(audio, folder, "audio")
             try:
+                check_media_limits(source_path, audio_path, self.settings)  # headers only, before any decoding
                 self._check_media(source_path, audio_path, config)
             except MuseTalkError as exc:
                 raise redact(exc, folder) from None
@@ -367,32 +370,15 @@ class GenerationService:
         self._finish(job, state, error)
 
     def _generate(self, pipe: "MuseTalkPipeline", job: Job) -> None:
-        """prepare_avatar -> stream -> VideoWriter, checking the cancel flag between frames."""
-        from musetalk.stages.audio import check_speech, load_audio, num_video_frames
-        from musetalk.stream.video import VideoWriter
-
-        probe = _JobProbe(job)
-        wav = load_audio(job.audio)
-        job.stage = "preparing"
-        avatar = pipe.prepare_avatar(job.source, job.config, name=job.avatar, profiler=probe)
+        """The one generation path (``pipeline.generate``), with the job's hooks; a cancel -> JobCancelled."""
         try:
-            check_speech(wav, avatar.meta.fps, source="the audio upload")
-            job.frames_total = num_video_frames(len(wav), avatar.meta.fps)
-            job.video_fps = avatar.meta.fps
-            job.stage, job.generating_since = "generating", time.perf_counter()
-            frames = pipe.stream(avatar, wav, job.config)
-            try:
-                # VideoWriter writes a hidden temporary file and deletes it on any exception (cancel included)
-                with VideoWriter(job.result, fps=avatar.meta.fps, audio=job.audio) as writer:
-                    for frame in frames:
-                        probe.check()
-                        writer.write(frame)
-                        job.frames_done += 1
-            finally:
-                frames.close()  # stops the pipeline's model thread
+            result = pipe.generate(job.source, job.audio, job.result, job.config, avatar=job.avatar, progress=False,
+                                   hooks=JobHooks(job))
+        except Cancelled:
+            raise JobCancelled(job.id) from None
+        job.frames_done, job.video_fps = result.num_frames, result.fps
+        if job.generating_until is None:
             job.generating_until = time.perf_counter()
-        finally:
-            avatar.close()  # removes a temporary avatar; a named one stays in the shared cache
 
     def _finish(self, job: Job, state: JobState, error: ApiError | None) -> None:
         if state != "done":  # removed before the state changes: a client that sees "failed" sees no files
@@ -423,12 +409,14 @@ class PipelineLoader:
     mutable; a second version costs its full memory.
     """
 
-    def __init__(self, models_dir: str | os.PathLike | None, device: str = "auto", dtype: str = "auto") -> None:
+    def __init__(self, models_dir: str | os.PathLike | None, device: str = "auto", dtype: str = "auto",
+                 backend: str = "auto") -> None:
         from musetalk.weights import default_models_dir
 
         self.models_dir = Path(models_dir) if models_dir is not None else default_models_dir()
         self.device = device
         self.dtype = dtype
+        self.backend = backend
         self._loaded: dict[str, MuseTalkPipeline] = {}
         self._lock = threading.Lock()
 
@@ -449,7 +437,8 @@ class PipelineLoader:
             if version not in self._loaded:
                 self.check(version)
                 self._loaded[version] = MuseTalkPipeline.from_pretrained(self.models_dir, version=version,
-                                                                         device=self.device, dtype=self.dtype)
+                                                                         device=self.device, dtype=self.dtype,
+                                                                         backend=self.backend)
             return self._loaded[version]
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import IO, Any, Callable, Literal
 
 from musetalk.frontends.server.errors import ApiError
-from musetalk.frontends.server.settings import COPY_CHUNK, SNIFF_BYTES, MiB
+from musetalk.frontends.server.settings import COPY_CHUNK, SNIFF_BYTES, MiB, ServerSettings
 
 
 # -- content sniffing ---------------------------------------------------------------------------------------------
@@ -75,10 +75,43 @@ def store_upload(stream: IO[bytes], folder: Path, role: Literal["source", "audio
             else "not a supported media file"
         raise ApiError(415, "unsupported_media_type", f"the {role} upload is {what}", UNSUPPORTED[role])
     path = folder / f"{role}{found.suffix}"
-    with open(path, "wb") as out:
-        out.write(head)
-        shutil.copyfileobj(stream, out, COPY_CHUNK)
+    try:
+        with open(path, "wb") as out:
+            out.write(head)
+            shutil.copyfileobj(stream, out, COPY_CHUNK)
+    except OSError as err:  # disk full, file size limit: the caller removes the job folder
+        raise ApiError(507, "insufficient_storage", f"the server could not store the {role} upload "
+                       f"({err.strerror or err})", "retry later, or send a smaller file") from None
     return path, found
+
+
+# -- media limits -------------------------------------------------------------------------------------------------
+def check_media_limits(source: Path, audio: Path, settings: ServerSettings) -> None:
+    """413 when the source or audio declares more work than ``settings`` allows; read from headers, before decoding.
+
+    A limit the header cannot state (a stream without frame count or duration) is enforced later, while decoding:
+    the audio length by the job's own check, and the frames by the avatar preparation reading at most what it got.
+    """
+    from musetalk.stream.video import declared_duration, declared_size
+
+    size = declared_size(source)
+    if size.pixels > settings.max_source_pixels:
+        dims = f" ({size.width}x{size.height})" if size.width and size.height else ""
+        raise ApiError(413, "frame_too_large", f"a source frame has {size.pixels} pixels{dims}; this server's limit "
+                       f"(max_source_pixels) is {settings.max_source_pixels}",
+                       "downscale the source, e.g. ffmpeg -i in.mp4 -vf scale=-2:720 out.mp4")
+    if size.num_frames is not None and size.num_frames > settings.max_source_frames:
+        raise ApiError(413, "too_many_frames", f"the source has {size.num_frames} frames; this server's limit "
+                       f"(max_source_frames) is {settings.max_source_frames}",
+                       "cut the source: a few seconds of video make a good avatar (it is looped)")
+    if size.duration_s is not None and size.duration_s > settings.max_source_seconds:
+        raise ApiError(413, "source_too_long", f"the source lasts {size.duration_s:.0f} s; this server's limit "
+                       f"(max_source_seconds) is {settings.max_source_seconds:g} s",
+                       "cut the source: a few seconds of video make a good avatar (it is looped)")
+    seconds = declared_duration(audio)
+    if seconds is not None and seconds > settings.max_audio_seconds:
+        raise ApiError(413, "audio_too_long", f"the audio lasts {seconds:.0f} s; this server's limit "
+                       f"(max_audio_seconds) is {settings.max_audio_seconds:g} s", "split the audio into shorter parts")
 
 
 # -- upload size limit --------------------------------------------------------------------------------------------

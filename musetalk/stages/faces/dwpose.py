@@ -43,10 +43,11 @@ from musetalk.devices import resolve_device
 from musetalk.errors import InputError, WeightsError
 from musetalk.stages.faces.types import Box, FaceLandmarks
 from musetalk.weights import default_models_dir, load_into, load_state_dict
+from musetalk.weights.registry import WEIGHTS
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_RELPATH = "dwpose/dw-ll_ucoco_384.pth"  # inside the models folder (download_weights.sh layout)
+CHECKPOINT_RELPATH = WEIGHTS["dwpose"].dest  # inside the models folder (download_weights.sh layout)
 DOWNLOAD_FIX = "run `musetalk download` (it fetches dwpose/dw-ll_ucoco_384.pth from HF yzd-v/DWPose)"
 
 NUM_WHOLEBODY_KEYPOINTS = 133  # COCO-WholeBody: 17 body, 6 feet, 68 face, 2 x 21 hands
@@ -429,8 +430,10 @@ def load_dwpose(checkpoint_path: str | Path, config: DWPoseConfig | None = None,
                 device: str | torch.device = "cpu") -> DWPoseNet:
     """Build :class:`DWPoseNet` for ``config`` and load an mmpose checkpoint into it strictly, in eval mode.
 
-    The file is read with ``weights_only=True`` (``{'state_dict': ...}`` is unwrapped). A missing file, a wrong
-    architecture or surplus keys raise :class:`WeightsError` naming the keys.
+    The official file is an mmengine training checkpoint (``{'state_dict', 'meta' with numpy arrays, maybe
+    'message_hub' / 'optimizer'}``): :func:`musetalk.weights.load_state_dict` reads it safely and takes its
+    ``state_dict``; the rest is never built. A missing file, a wrong architecture or surplus keys raise
+    :class:`WeightsError` naming the keys.
     """
     path = Path(checkpoint_path)
     if not path.is_file():
