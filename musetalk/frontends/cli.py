@@ -43,10 +43,11 @@ def _config(args: argparse.Namespace):
                   dtype=args.dtype)
 
 
-def _pipeline(args: argparse.Namespace):
+def _pipeline(args: argparse.Namespace, profiler=None):
     from musetalk.stream.pipeline import MuseTalkPipeline
 
-    return MuseTalkPipeline.from_pretrained(args.models, version=args.version, device=args.device, dtype=args.dtype)
+    return MuseTalkPipeline.from_pretrained(args.models, version=args.version, device=args.device, dtype=args.dtype,
+                                            profiler=profiler)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -54,13 +55,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     config = _config(args)
     MuseTalkPipeline.check_inputs(args.source, args.audio, args.output)  # before the (slow) model loading
-    pipe = _pipeline(args)
     profiler = None
     if args.profile:
+        from musetalk.devices import resolve_device
         from musetalk.profiling import Profiler
 
-        profiler = Profiler(device=pipe.device)
+        profiler = Profiler(device=resolve_device(args.device))  # started before loading: "load" is a stage
     with (profiler if profiler is not None else _null()):
+        pipe = _pipeline(args, profiler)
         result = pipe.generate(args.source, args.audio, args.output, config, avatar=args.avatar,
                                progress=not args.quiet, profiler=profiler)
     if profiler is not None:

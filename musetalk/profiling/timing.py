@@ -28,8 +28,10 @@ import torch
 from musetalk.devices import synchronize
 from musetalk.profiling.memory import CappedSeries, as_device
 
-# The pipeline's stage names, in pipeline order (prepare: landmarks..vae_encode; stream: audio..encode).
-PIPELINE_STAGES = ("landmarks", "crop", "parsing", "vae_encode", "audio", "unet", "vae_decode", "blend", "encode")
+# The pipeline's stage names, in pipeline order (from_pretrained: load, once per model; prepare: landmarks..vae_encode;
+# stream: audio..encode).
+PIPELINE_STAGES = ("load", "landmarks", "crop", "parsing", "vae_encode", "audio", "unet", "vae_decode", "blend",
+                   "encode")
 # numpy / PyAV work only: no device sync (see the module docstring)
 HOST_STAGES = frozenset({"crop", "blend", "encode"})
 RESERVOIR_SIZE = 1024  # durations kept per stage for median / p90: +-3 % on p90 is plenty for a report

@@ -22,7 +22,7 @@ from PIL import Image
 from torch import nn
 
 from musetalk.errors import InputError
-from musetalk.weights import file_fingerprint, load_into, load_state_dict
+from musetalk.weights import file_fingerprint, load_model
 
 PARSE_SIZE = 512  # the network always sees 512x512 (the reference's FaceParsing default size)
 N_CLASSES = 19
@@ -238,9 +238,7 @@ class FaceParser:
         The torchvision ResNet-18 backbone file is not needed: the BiSeNet checkpoint holds every weight.
         Raises :class:`~musetalk.errors.WeightsError` for a missing, unsafe or mismatching file.
         """
-        net = BiSeNet()
-        load_into(net, load_state_dict(path), source=path)
-        net.eval().requires_grad_(False).to(device=device, dtype=dtype)
+        net = load_model(BiSeNet, path, device=device, dtype=dtype)
         return cls(net, torch.device(device), dtype, fingerprint=file_fingerprint(path))
 
     @torch.inference_mode()

@@ -86,8 +86,12 @@ class MuseTalkPipeline:
 
     @classmethod
     def from_pretrained(cls, models_dir: str | os.PathLike | None = None, version: str = "v15",
-                        device: str = "auto", dtype: str | torch.dtype = "auto") -> "MuseTalkPipeline":
-        """Load every model from an official ``models/`` folder; device/dtype resolved here, once."""
+                        device: str = "auto", dtype: str | torch.dtype = "auto", profiler=None) -> "MuseTalkPipeline":
+        """Load every model from an official ``models/`` folder; device/dtype resolved here, once.
+
+        Each model is built empty and filled from its memory-mapped file in the run dtype (see
+        ``musetalk.weights.loading``); with ``profiler``, each load is timed as the stage "load".
+        """
         from musetalk.stages.audio import AudioEncoder
         from musetalk.stages.parsing import FaceParser
         from musetalk.stages.unet import UNet
@@ -103,12 +107,17 @@ class MuseTalkPipeline:
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         log.info("loading MuseTalk %s from %s on %s (%s)", version, models, dev, dt)
+        stage = profiler.stage if profiler is not None else (lambda _name: nullcontext())
         # Whisper and the face parser run once per segment / source frame: keep them in fp32 for exactness
-        return cls(AudioEncoder.from_pretrained(models / parts.whisper_dir, device=dev),
-                   VAE.from_pretrained(models / parts.vae_dir, device=dev, dtype=dt),
-                   UNet.from_pretrained(models / parts.unet_config, unet_file, device=dev, dtype=dt),
-                   FaceParser.from_pretrained(models / parts.face_parse, device=dev),
-                   version=version, models_dir=models)
+        with stage("load"):
+            audio_encoder = AudioEncoder.from_pretrained(models / parts.whisper_dir, device=dev)
+        with stage("load"):
+            vae = VAE.from_pretrained(models / parts.vae_dir, device=dev, dtype=dt)
+        with stage("load"):
+            unet = UNet.from_pretrained(models / parts.unet_config, unet_file, device=dev, dtype=dt)
+        with stage("load"):
+            parser = FaceParser.from_pretrained(models / parts.face_parse, device=dev)
+        return cls(audio_encoder, vae, unet, parser, version=version, models_dir=models)
 
     # -- helpers -------------------------------------------------------------------------------------------
     def landmarker(self, name: str):

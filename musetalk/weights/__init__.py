@@ -15,6 +15,11 @@ from typing import Mapping
 import torch
 
 from musetalk.errors import WeightsError
+from musetalk.weights.loading import check_keys, empty_init, inference_ready, load_into, load_model
+
+__all__ = ["DOWNLOAD_HINT", "LAYOUTS", "ModelLayout", "check_keys", "default_models_dir", "empty_init",
+           "file_fingerprint", "find_weights_file", "inference_ready", "layout", "load_into", "load_model",
+           "load_state_dict"]
 
 DOWNLOAD_HINT = "run `musetalk download --dir {models}` (or `musetalk tiny-weights --dir {models}` for random test weights)"
 _LFS_POINTER_PREFIX = b"version https://git-lfs.github.com/spec/"
@@ -27,8 +32,12 @@ def _looks_like_lfs_pointer(path: Path) -> bool:
         return f.read(len(_LFS_POINTER_PREFIX)) == _LFS_POINTER_PREFIX
 
 
-def load_state_dict(path: str | os.PathLike, *, fix: str | None = None) -> dict[str, torch.Tensor]:
+def load_state_dict(path: str | os.PathLike, *, fix: str | None = None, mmap: bool = False
+                    ) -> dict[str, torch.Tensor]:
     """Load a plain state dict (``.safetensors``, ``.pth``, ``.bin``, ``.pt``, ``.model``) on the CPU.
+
+    mmap: map a torch zip file instead of reading it (tensors are read from the page cache when first touched);
+    safetensors files are always mapped; legacy (pre-zip) pickles are read whole either way.
 
     Raises :class:`WeightsError` naming the file and ``fix`` for a missing, truncated, Git-LFS-pointer,
     unsafe (code-running pickle) or non-state-dict file.
@@ -50,7 +59,7 @@ def load_state_dict(path: str | os.PathLike, *, fix: str | None = None) -> dict[
         except (SafetensorError, OSError, ValueError) as exc:
             raise WeightsError(f"cannot read {path} as safetensors ({exc})", fix) from None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, zipfile errors...
         text = str(exc)
         if "Weights only load failed" in text or "Unsupported global" in text or "unpickl" in text.lower():
@@ -69,34 +78,6 @@ def load_state_dict(path: str | os.PathLike, *, fix: str | None = None) -> dict[
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise WeightsError(f"{path} does not hold a state dict of tensors (got {type(obj).__name__})", fix)
     return dict(obj)
-
-
-def load_into(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], *, source: str | os.PathLike,
-              fix: str | None = None) -> torch.nn.Module:
-    """Strictly load ``state_dict`` into ``module``; mismatches raise :class:`WeightsError` with the key lists.
-
-    Values are cast to each parameter's dtype (some checkpoints store float16 values for float32 modules).
-    """
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(own))
-    wrong_shape = [f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
-                   for k in own if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or wrong_shape:
-        def head(items: list[str]) -> str:
-            return ", ".join(items[:5]) + (f" … (+{len(items) - 5})" if len(items) > 5 else "")
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys: {head(missing)}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys: {head(unexpected)}")
-        if wrong_shape:
-            parts.append(f"{len(wrong_shape)} shape mismatches: {head(wrong_shape)}")
-        raise WeightsError(f"{source} does not match {type(module).__name__}: " + "; ".join(parts),
-                           fix or "check that the file and its config belong together (right version?)")
-    cast = {k: v.to(own[k].dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
-    module.load_state_dict(cast, strict=True)
-    return module
 
 
 @dataclass(frozen=True)
