@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 from benchmarks.bench_generate import DOC, REPO, RESULTS, machine, make_inputs, write_section
 
@@ -203,8 +204,9 @@ def ensure_models(models: Path) -> Path:
     return models
 
 
-def bench(code: Path, models: Path, dtypes: list[str], warm: bool) -> dict:
-    results = {}
+def bench(code: Path, models: Path, dtypes: list[str], warm: bool, save: Callable[[dict], None]) -> dict:
+    """Measure each dtype; ``save`` gets the results so far after each one (a long run keeps what it measured)."""
+    results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         source, audios = make_inputs(Path(tmp), [AUDIO_SECONDS])
         for dtype in dtypes:
@@ -220,6 +222,7 @@ def bench(code: Path, models: Path, dtypes: list[str], warm: bool) -> dict:
             run = run_child(code, ["run", str(models), dtype, str(source), str(audios[AUDIO_SECONDS]), tmp],
                             env={"MUSETALK_CACHE": str(cache), "BENCH_WARM": "1" if warm else "0"})
             results[dtype] = {"load_warm": load_warm, "load_cold": load_cold, "run": run}
+            save(results)
             print(json.dumps({k: v for k, v in run.items() if k != "profile_markdown"}, indent=1), flush=True)
     return results
 
@@ -280,19 +283,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--label", default="after", help="name of this measurement (before / after)")
     parser.add_argument("--models", type=Path, default=Path(tempfile.gettempdir()) / "musetalk-bench-full-models")
     parser.add_argument("--no-warm", action="store_true", help="skip the warm run on the cached avatar")
+    parser.add_argument("--table-only", action="store_true", help="only rewrite the docs table from the saved JSON")
     args = parser.parse_args(argv)
     RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.table_only:
+        saved = {}
+        for path in sorted(RESULTS.glob("coldstart-*.json"), key=lambda p: (p.stem != "coldstart-before", p.stem)):
+            data = json.loads(path.read_text())
+            saved[data["label"]] = data
+        write_section("coldstart", markdown(saved, args.models))
+        return 0
     models = ensure_models(args.models)
-    results = bench(args.code.resolve(), models, args.dtypes.split(","), warm=not args.no_warm)
-    payload = {"label": args.label, "code": str(args.code), "results": results, "machine": machine(),
-               "inputs": {"source": "720p 2 s (50 frames)", "audio_s": AUDIO_SECONDS}}
-    (RESULTS / f"coldstart-{args.label}.json").write_text(json.dumps(payload, indent=1))
-    saved = {}
-    for path in sorted(RESULTS.glob("coldstart-*.json"), key=lambda p: (p.stem != "coldstart-before", p.stem)):
-        data = json.loads(path.read_text())
-        saved[data["label"]] = data
-    write_section("coldstart", markdown(saved, models))
-    print(f"wrote {RESULTS / f'coldstart-{args.label}.json'} and {DOC}")
+
+    def save(results: dict) -> None:
+        payload = {"label": args.label, "code": str(args.code), "results": results, "machine": machine(),
+                   "inputs": {"source": "720p 2 s (50 frames)", "audio_s": AUDIO_SECONDS}}
+        (RESULTS / f"coldstart-{args.label}.json").write_text(json.dumps(payload, indent=1))
+        saved = {}
+        for path in sorted(RESULTS.glob("coldstart-*.json"), key=lambda p: (p.stem != "coldstart-before", p.stem)):
+            data = json.loads(path.read_text())
+            saved[data["label"]] = data
+        write_section("coldstart", markdown(saved, models))
+        print(f"wrote {RESULTS / f'coldstart-{args.label}.json'} and {DOC}", flush=True)
+
+    bench(args.code.resolve(), models, args.dtypes.split(","), warm=not args.no_warm, save=save)
     return 0
 
 
