@@ -13,6 +13,13 @@ from musetalk.errors import InputError
 
 VERSIONS = ("v15", "v1")
 PARSING_MODES = ("raw", "jaw", "neck")
+# The reference's paste-back constants (one place: BlendConfig's defaults and the blending stage use them)
+EXPAND = 1.5  # crop box side / face box side (get_image)
+UPPER_BOUNDARY_RATIO = 0.5  # the top half of the crop keeps the source pixels (eyes, nose)
+BLUR_FACTOR_IMAGE = 0.05  # get_image (inference.py): Gaussian kernel ~5 % of the crop width
+BLUR_FACTOR_REALTIME = 0.1  # get_image_prepare_material (realtime avatars): a softer ~10 % edge
+CHEEK_WIDTH_V15 = 90  # v1.5 inference passes 90 (px in the 512 parsing space); FaceParsing's own default is 80
+CHEEK_WIDTH_V1 = 80
 SILENCE_MODES = ("off", "source", "closed")
 SMOOTHING_MODES = ("off", "one_euro")
 
@@ -70,11 +77,11 @@ class BlendConfig:
     """How the generated face is pasted back."""
 
     parsing_mode: str = option("jaw", "which face-parsing classes form the paste mask", choices=PARSING_MODES)
-    left_cheek_width: int = option(90, "px (in the 512 parsing space) kept from the source on the left in jaw mode")
-    right_cheek_width: int = option(90, "same, right side")
-    expand: float = option(1.5, "the parsed square is this much larger than the face box")
-    upper_boundary_ratio: float = option(0.5, "top fraction of the mask cleared (the upper face is kept)")
-    blur_factor: float = option(0.05, "mask edge blur, fraction of the crop width: 0.05 as inference.py (realtime: 0.1)")
+    left_cheek_width: int = option(CHEEK_WIDTH_V15, "px (in the 512 parsing space) kept from the source on the left in jaw mode")
+    right_cheek_width: int = option(CHEEK_WIDTH_V15, "same, right side")
+    expand: float = option(EXPAND, "the parsed square is this much larger than the face box")
+    upper_boundary_ratio: float = option(UPPER_BOUNDARY_RATIO, "top fraction of the mask cleared (the upper face is kept)")
+    blur_factor: float = option(BLUR_FACTOR_IMAGE, "mask edge blur, fraction of the crop width: 0.05 as inference.py (realtime: 0.1)")
 
 
 @dataclass(frozen=True)
@@ -157,7 +164,8 @@ def preset(version: str = "v15", **overrides: object) -> GenerationConfig:
     """
     if version == "v1":
         config = GenerationConfig(version="v1", crop=CropConfig(extra_margin=0),
-                                  blend=BlendConfig(parsing_mode="raw", left_cheek_width=80, right_cheek_width=80))
+                                  blend=BlendConfig(parsing_mode="raw", left_cheek_width=CHEEK_WIDTH_V1,
+                                                    right_cheek_width=CHEEK_WIDTH_V1))
     elif version == "v15":
         config = GenerationConfig(version="v15")
     else:

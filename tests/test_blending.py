@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from musetalk.config import BlendConfig
 from musetalk.stages.blending import (BlendMaterial, blend_face, blend_with_material, expanded_crop_box,
                                material_from_parsing, parser_input, prepare_blend_material)
 from musetalk.errors import InputError
@@ -95,19 +96,23 @@ def test_golden_blended_frames(golden):
     # the class map depends only on the source frame and box: parse each crop once for all modes
     parsings = [parser.parse(parser_input(f, b)) for f, b in zip(frames, boxes)]
     for mode in ("raw", "jaw", "neck"):
-        out = np.stack([blend_with_material(f, face, b, material_from_parsing(p, b, mode, cheek, cheek,
-                                                                               blur_factor=0.05))
+        out = np.stack([blend_with_material(f, face, b, material_from_parsing(p, b, _blend(mode, cheek, 0.05)))
                         for f, face, b, p in zip(frames, faces, boxes, parsings)])
         assert _within(out, g[f"blended_{mode}"]) >= BLEND_FRACTION, mode
-    cached = np.stack([blend_with_material(f, face, b, material_from_parsing(p, b, "jaw", cheek, cheek))
+    cached = np.stack([blend_with_material(f, face, b, material_from_parsing(p, b, _blend("jaw", cheek, 0.1)))
                        for f, face, b, p in zip(frames, faces, boxes, parsings)])
     assert _within(cached, g["blended_realtime_jaw"]) >= BLEND_FRACTION
     # the one-call API is the same computation
-    one_call = blend_face(frames[0], faces[0], boxes[0], parser, "jaw", cheek, cheek)
+    one_call = blend_face(frames[0], faces[0], boxes[0], parser, _blend("jaw", cheek, 0.05))
     assert _within(one_call, g["blended_jaw"][0]) >= BLEND_FRACTION
-    material = prepare_blend_material(frames[0], boxes[0], parser, "jaw", cheek, cheek)
+    material = prepare_blend_material(frames[0], boxes[0], parser, _blend("jaw", cheek, 0.1))
     assert _within(blend_with_material(frames[0], faces[0], boxes[0], material),
                    g["blended_realtime_jaw"][0]) >= BLEND_FRACTION
+
+
+def _blend(mode: str, cheek: int, blur: float) -> BlendConfig:
+    """The reference's settings as a BlendConfig (get_image blurs 0.05, the realtime material 0.1)."""
+    return BlendConfig(parsing_mode=mode, left_cheek_width=cheek, right_cheek_width=cheek, blur_factor=blur)
 
 
 # ---- unit tests ------------------------------------------------------------------------------------------------
@@ -127,7 +132,7 @@ def test_expanded_crop_box():
 def test_matches_pil_reference(mode, box):
     frame, face, parser = _frame(), _face(), StubParser()
     before = frame.copy()
-    out = blend_face(frame, face, box, parser, mode, 90, 90)
+    out = blend_face(frame, face, box, parser, _blend(mode, 90, 0.05))
     assert np.array_equal(frame, before)  # the input is never mutated
     assert out.shape == frame.shape and out.dtype == np.uint8
     expected = _pil_get_image(frame, face, box, face_mask(parser.parsing, mode, 90, 90))
@@ -137,7 +142,7 @@ def test_matches_pil_reference(mode, box):
 def test_border_crop_is_black_padded_and_outside_unchanged():
     frame, face, parser = _frame(), _face(), StubParser()
     box = (140, 100, 230, 160)
-    material = prepare_blend_material(frame, box, parser, "raw")
+    material = prepare_blend_material(frame, box, parser, _blend("raw", 80, 0.1))
     xs, ys, xe, ye = material.crop_box
     assert xe > frame.shape[1] and ye > frame.shape[0]
     seen = parser.seen[0]
@@ -154,11 +159,11 @@ def test_border_crop_is_black_padded_and_outside_unchanged():
 def test_cached_material_blur_and_upper_half():
     frame, face, parser = _frame(), _face(), StubParser()
     box = (60, 40, 140, 130)
-    soft = prepare_blend_material(frame, box, parser, "jaw")
-    sharp = prepare_blend_material(frame, box, parser, "jaw", blur_factor=0.05)
+    soft = prepare_blend_material(frame, box, parser, _blend("jaw", 80, 0.1))
+    sharp = prepare_blend_material(frame, box, parser, _blend("jaw", 80, 0.05))
     assert soft.mask.shape == sharp.mask.shape and not np.array_equal(soft.mask, sharp.mask)
     side = soft.crop_box[2] - soft.crop_box[0]
-    unblurred = prepare_blend_material(frame, box, parser, "jaw", blur_factor=0.0)
+    unblurred = prepare_blend_material(frame, box, parser, _blend("jaw", 80, 0.0))
     assert not unblurred.mask[: side // 2].any()
     # the face already at box size is pasted as is (no resize)
     small = cv2.resize(face, (box[2] - box[0], box[3] - box[1]))
@@ -168,7 +173,7 @@ def test_cached_material_blur_and_upper_half():
 def test_bad_mode_raises_before_parsing():
     parser = StubParser()
     with pytest.raises(InputError, match="raw, jaw, neck"):
-        blend_face(_frame(), _face(), (60, 40, 140, 130), parser, "lips")
+        blend_face(_frame(), _face(), (60, 40, 140, 130), parser, BlendConfig(parsing_mode="lips"))
     assert parser.seen == []
 
 

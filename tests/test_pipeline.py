@@ -270,10 +270,7 @@ def test_prepare_matches_frame_by_frame_materials(pipe: MuseTalkPipeline, short_
     for i, frame in enumerate(open_frames(short_clip)):
         assert avatar.has_face[i]
         np.testing.assert_array_equal(avatar.frame(i), frame)
-        material = prepare_blend_material(frame, avatar.face_box(i), pipe.parser, blend.parsing_mode,
-                                          blend.left_cheek_width, blend.right_cheek_width,
-                                          upper_boundary_ratio=blend.upper_boundary_ratio, expand=blend.expand,
-                                          blur_factor=blend.blur_factor)
+        material = prepare_blend_material(frame, avatar.face_box(i), pipe.parser, blend)
         np.testing.assert_array_equal(avatar.mask(i), material.mask)
         assert tuple(avatar.mask_boxes[i]) == material.crop_box
     crops = np.stack([crop_face(f, avatar.face_box(i)) for i, f in enumerate(open_frames(short_clip))])

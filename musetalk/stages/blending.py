@@ -23,15 +23,15 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from musetalk.config import BLUR_FACTOR_IMAGE, BLUR_FACTOR_REALTIME, EXPAND, UPPER_BOUNDARY_RATIO, BlendConfig
 from musetalk.errors import InputError
-from musetalk.stages.parsing import DEFAULT_CHEEK_WIDTH, check_mode, face_mask
+from musetalk.stages.parsing import check_mode, face_mask
 
 Box = tuple[int, int, int, int]  # (x1, y1, x2, y2), x2/y2 exclusive
 
-EXPAND = 1.5  # crop box side / face box side (the reference's get_image default)
-UPPER_BOUNDARY_RATIO = 0.5  # the top half of the crop keeps the source pixels (eyes, nose)
-BLUR_FACTOR_IMAGE = 0.05  # get_image: Gaussian kernel ~5 % of the crop width
-BLUR_FACTOR_CACHED = 0.1  # get_image_prepare_material (realtime avatars): a softer ~10 % edge
+__all__ = ["BLUR_FACTOR_IMAGE", "BLUR_FACTOR_REALTIME", "EXPAND", "UPPER_BOUNDARY_RATIO", "BlendConfig",
+           "BlendMaterial", "blend_face", "blend_with_material", "material_from_parsing", "parser_input",
+           "prepare_blend_material"]
 
 
 class Parser(Protocol):
@@ -104,14 +104,14 @@ def blur_kernel_size(crop_width: int, blur_factor: float) -> int:
     return int(blur_factor * crop_width // 2 * 2) + 1
 
 
-def material_from_parsing(parsing: np.ndarray, face_box: Sequence[int] | np.ndarray, mode: str = "raw",
-                          left_cheek_width: int = DEFAULT_CHEEK_WIDTH, right_cheek_width: int = DEFAULT_CHEEK_WIDTH,
-                          upper_boundary_ratio: float = UPPER_BOUNDARY_RATIO, expand: float = EXPAND,
-                          blur_factor: float = BLUR_FACTOR_CACHED) -> BlendMaterial:
+def material_from_parsing(parsing: np.ndarray, face_box: Sequence[int] | np.ndarray,
+                          config: BlendConfig = BlendConfig()) -> BlendMaterial:
     """Blend material from the class map of the expanded crop (``parser.parse`` of :func:`parser_input`).
 
-    Lets a caller parse a crop once and derive the material of several modes from it.
+    Lets a caller parse a crop once and derive the material of several modes (configs) from it.
     """
+    mode, left_cheek_width, right_cheek_width = config.parsing_mode, config.left_cheek_width, config.right_cheek_width
+    upper_boundary_ratio, expand, blur_factor = config.upper_boundary_ratio, config.expand, config.blur_factor
     x1, y1, x2, y2 = _as_box(face_box)
     crop_box = expanded_crop_box((x1, y1, x2, y2), expand)
     xs, ys, xe, ye = crop_box
@@ -137,17 +137,14 @@ def parser_input(frame_bgr: np.ndarray, face_box: Sequence[int] | np.ndarray, ex
 
 
 def prepare_blend_material(frame_bgr: np.ndarray, face_box: Sequence[int] | np.ndarray, parser: Parser,
-                           mode: str = "raw", left_cheek_width: int = DEFAULT_CHEEK_WIDTH,
-                           right_cheek_width: int = DEFAULT_CHEEK_WIDTH,
-                           upper_boundary_ratio: float = UPPER_BOUNDARY_RATIO, expand: float = EXPAND,
-                           blur_factor: float = BLUR_FACTOR_CACHED) -> BlendMaterial:
-    """Parse the expanded crop of a (H, W, 3) uint8 BGR source frame and make its blend mask (``mode``: raw, jaw,
-    neck). The reference ``get_image_prepare_material``: blur factor 0.1 by default; :func:`blend_face` uses 0.05.
+                           config: BlendConfig = BlendConfig()) -> BlendMaterial:
+    """Parse the expanded crop of a (H, W, 3) uint8 BGR source frame and make its blend mask (``config``: the
+    parsing mode raw | jaw | neck, cheek widths, expand, blur). The reference ``get_image_prepare_material`` blurs
+    with ``BLUR_FACTOR_REALTIME`` (0.1); the pipeline, like inference.py's ``get_image``, with 0.05.
     """
-    check_mode(mode)  # before the network runs
-    parsing = parser.parse(parser_input(frame_bgr, face_box, expand))
-    return material_from_parsing(parsing, face_box, mode, left_cheek_width, right_cheek_width,
-                                 upper_boundary_ratio, expand, blur_factor)
+    check_mode(config.parsing_mode)  # before the network runs
+    parsing = parser.parse(parser_input(frame_bgr, face_box, config.expand))
+    return material_from_parsing(parsing, face_box, config)
 
 
 def blend_with_material(frame_bgr: np.ndarray, face_bgr: np.ndarray, face_box: Sequence[int] | np.ndarray,
@@ -183,14 +180,11 @@ def blend_with_material(frame_bgr: np.ndarray, face_bgr: np.ndarray, face_box: S
 
 
 def blend_face(frame_bgr: np.ndarray, face_bgr: np.ndarray, face_box: Sequence[int] | np.ndarray, parser: Parser,
-               mode: str = "raw", left_cheek_width: int = DEFAULT_CHEEK_WIDTH,
-               right_cheek_width: int = DEFAULT_CHEEK_WIDTH, upper_boundary_ratio: float = UPPER_BOUNDARY_RATIO,
-               expand: float = EXPAND) -> np.ndarray:
-    """Parse, mask and paste in one call (the reference ``get_image``: blur factor 0.05).
+               config: BlendConfig = BlendConfig()) -> np.ndarray:
+    """Parse, mask and paste in one call (the reference ``get_image``: blur factor 0.05, the config's default).
 
     frame_bgr (H, W, 3) uint8 BGR, face_bgr (h, w, 3) uint8 BGR (e.g. the 256x256 decoded face) -> a new
     (H, W, 3) uint8 BGR frame. For many output frames per source frame, prepare the material once instead.
     """
-    material = prepare_blend_material(frame_bgr, face_box, parser, mode, left_cheek_width, right_cheek_width,
-                                      upper_boundary_ratio, expand, BLUR_FACTOR_IMAGE)
+    material = prepare_blend_material(frame_bgr, face_box, parser, config)
     return blend_with_material(frame_bgr, face_bgr, face_box, material)

@@ -42,7 +42,7 @@ from musetalk.weights import DOWNLOAD_HINT, default_models_dir, layout
 if TYPE_CHECKING:
     from musetalk.stream.live import LiveConfig, LiveSession
     from musetalk.stages.audio import AudioEncoder
-    from musetalk.stages.faces.types import LandmarkBackend
+    from musetalk.stages.faces.types import FaceLandmarks, LandmarkBackend
     from musetalk.stages.parsing import FaceParser
     from musetalk.stages.unet import UNet
     from musetalk.stages.vae import VAE
@@ -78,7 +78,7 @@ def _put_unless_stopped(out: queue.Queue, item: object, stop: threading.Event) -
             continue
 
 
-class _SourceFrame(NamedTuple):
+class SourceFrame(NamedTuple):
     """One source frame after the CPU part of preparation (crops None: no face)."""
 
     frame: np.ndarray  # (H, W, 3) uint8 BGR
@@ -86,6 +86,25 @@ class _SourceFrame(NamedTuple):
     face_box: tuple[int, int, int, int] | None  # with the extra margin
     crop: np.ndarray | None  # (256, 256, 3) uint8 BGR, the VAE's input
     parser_crop: np.ndarray | None  # (2s, 2s, 3) uint8 RGB, the expanded crop the parser sees
+
+
+def prepare_source_frame(frame: np.ndarray, detection: FaceLandmarks, config: GenerationConfig,
+                         smoother: Callable[[Any], Any] | None = None) -> SourceFrame:
+    """The CPU part of preparing one source frame, the one definition ``prepare_avatar`` and the bbox_shift tuner use:
+    the crop box from the landmarks (``bbox_shift``; smoothed over time when a ``smoother`` is given), the extra
+    margin, the 256x256 crop the VAE encodes and the expanded crop the face parser sees."""
+    from musetalk.stages.blending import parser_input
+    from musetalk.stages.faces.crop import apply_extra_margin, crop_box, crop_face
+
+    box = crop_box(detection.landmarks, config.crop.bbox_shift, detection.detector_box) if detection.has_face \
+        else None
+    if smoother is not None:
+        box = smoother(box)
+    if box is None:
+        return SourceFrame(frame, None, None, None, None)
+    face_box = apply_extra_margin(box, config.crop.extra_margin, frame.shape[0])
+    return SourceFrame(frame, detection.landmarks, face_box, crop_face(frame, face_box),
+                       parser_input(frame, face_box, config.blend.expand))
 
 
 def _in_background(items: Iterable[Any], maxsize: int, name: str) -> Generator[Any, None, None]:
@@ -133,7 +152,7 @@ def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
         yield chunk
 
 
-def _write_chunk(writer: AvatarWriter, chunk: list[_SourceFrame], materials: list[Any], latents: np.ndarray) -> None:
+def _write_chunk(writer: AvatarWriter, chunk: list[SourceFrame], materials: list[Any], latents: np.ndarray) -> None:
     """Frames, masks and latents of one chunk into the avatar folder (the writer thread's job, in order)."""
     for item, material in zip(chunk, materials):
         if material is None:
@@ -332,29 +351,16 @@ class MuseTalkPipeline:
     @staticmethod
     def _source_items(frames: Iterable[np.ndarray], landmarker: LandmarkBackend, config: GenerationConfig,
                       stage: Callable[[str], Any], smoother: Callable[[Any], Any] | None,
-                      run: RunHooks) -> Iterator[_SourceFrame]:
-        """Per source frame, the CPU part of preparation: landmarks, crop box (smoothed over time when asked),
-        VAE crop and parser crop."""
-        from musetalk.stages.blending import parser_input
-        from musetalk.stages.faces.crop import apply_extra_margin, crop_box, crop_face
-
+                      run: RunHooks) -> Iterator[SourceFrame]:
+        """Per source frame, landmarks then :func:`prepare_source_frame` (crop box, VAE crop, parser crop)."""
         for frame in frames:
             check_cancelled(run)
             with stage("landmarks"):
                 result = landmarker.detect(frame)
-            box = crop_box(result.landmarks, config.crop.bbox_shift, result.detector_box) if result.has_face else None
-            if smoother is not None:
-                box = smoother(box)
-            if box is None:
-                yield _SourceFrame(frame, None, None, None, None)
-                continue
-            face_box = apply_extra_margin(box, config.crop.extra_margin, frame.shape[0])
             with stage("crop"):
-                crop = crop_face(frame, face_box)
-                parser_crop = parser_input(frame, face_box, config.blend.expand)
-            yield _SourceFrame(frame, result.landmarks, face_box, crop, parser_crop)
+                yield prepare_source_frame(frame, result, config, smoother)
 
-    def _prepare_models(self, chunk: list[_SourceFrame], config: GenerationConfig, stage
+    def _prepare_models(self, chunk: list[SourceFrame], config: GenerationConfig, stage
                         ) -> tuple[list[Any], np.ndarray]:
         """Parser + VAE encoder on the faces of ``chunk``: paste-back materials (None: no face) and (k, 8, 32, 32)."""
         from musetalk.stages.blending import material_from_parsing
@@ -370,9 +376,7 @@ class MuseTalkPipeline:
             parse_batch = getattr(self.parser, "parse_batch", None)
             maps = parse_batch(crops) if parse_batch is not None else [self.parser.parse(c) for c in crops]
             for k, parsing in zip(faced, maps):
-                materials[k] = material_from_parsing(
-                    parsing, chunk[k].face_box, blend.parsing_mode, blend.left_cheek_width, blend.right_cheek_width,
-                    upper_boundary_ratio=blend.upper_boundary_ratio, expand=blend.expand, blur_factor=blend.blur_factor)
+                materials[k] = material_from_parsing(parsing, chunk[k].face_box, blend)
         with stage("vae_encode"):
             latents[faced] = self.vae.unet_input(np.stack([chunk[k].crop for k in faced])).numpy()
         return materials, latents

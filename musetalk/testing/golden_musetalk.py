@@ -142,17 +142,21 @@ def _parsing_stages(s: _Set) -> list[StageResult]:
 
 
 def _blend(s: _Set, faces: np.ndarray, coords: np.ndarray, mode: str, cached: bool) -> np.ndarray:
+    from musetalk.config import BLUR_FACTOR_IMAGE, BLUR_FACTOR_REALTIME, BlendConfig
     from musetalk.stages.blending import blend_face, blend_with_material, prepare_blend_material
 
     parser = s.model("parser")
+    # the reference's get_image (blur 0.05) and get_image_prepare_material (blur 0.1), as the goldens ran them
+    config = BlendConfig(parsing_mode=mode, left_cheek_width=s.cheek, right_cheek_width=s.cheek,
+                         blur_factor=BLUR_FACTOR_REALTIME if cached else BLUR_FACTOR_IMAGE)
     out = []
     for frame, face, coord in zip(s.g["frames"], faces, coords):
         box = s.face_box(coord, frame.shape[0])
         if cached:
-            material = prepare_blend_material(frame, box, parser, mode, s.cheek, s.cheek)
+            material = prepare_blend_material(frame, box, parser, config)
             out.append(blend_with_material(frame, face, box, material))
         else:
-            out.append(blend_face(frame, face, box, parser, mode, s.cheek, s.cheek))
+            out.append(blend_face(frame, face, box, parser, config))
     return np.stack(out)
 
 

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from musetalk.config import GenerationConfig
     from musetalk.stages.faces.types import Box, FaceLandmarks, LandmarkBackend
     from musetalk.profiling import Profiler, ProfileReport
+    from musetalk.stream.pipeline import SourceFrame
 
 MAX_TUNER_FRAMES = 32  # frames a tuner keeps from a video (evenly spaced); each is held as a PNG (~0.3-3 MB)
 MATERIAL_CACHE = 16  # blend masks kept per tuner: one BiSeNet pass (~0.5 s on a CPU) per (frame, box) otherwise
@@ -97,6 +98,7 @@ class BboxShiftTuner:
         self._shift = int(min(max(self.config.crop.bbox_shift, low), high))
         self._index = next(i for i, d in enumerate(self.detections) if d.has_face)
         self._materials: OrderedDict[tuple[int, Box], BlendMaterial] = OrderedDict()
+        self._prepared: tuple[tuple[int, int], SourceFrame] | None = None  # the last prepared (frame, shift)
         self._ui: dict[str, Any] | None = None
         self._tracks: tuple[int, np.ndarray] | None = None  # (bbox_shift, the box-track plot drawn for it)
         self.renders = 0  # views drawn into the widgets (tests and curious users)
@@ -161,43 +163,38 @@ class BboxShiftTuner:
             self._frame_cache = (index, image)
         return self._frame_cache[1]
 
-    def face_box(self, index: int | None = None, bbox_shift: int | None = None) -> Box | None:
-        """The box the pipeline crops for this frame and shift (extra margin included), or None without a face."""
-        from musetalk.stages.faces.crop import apply_extra_margin, crop_box
+    def source_frame(self, index: int | None = None, bbox_shift: int | None = None) -> SourceFrame:
+        """This frame prepared exactly as ``prepare_avatar`` prepares it (the pipeline's own per-frame function)."""
+        from musetalk.config import with_overrides
+        from musetalk.stream.pipeline import prepare_source_frame
 
         index = self._index if index is None else index
         shift = self._shift if bbox_shift is None else bbox_shift
-        det = self.detections[index]
-        if not det.has_face:
-            return None
-        box = crop_box(det.landmarks, shift, det.detector_box)
-        if box is None:
-            return None
-        height = self._decode(index).shape[0]
-        return apply_extra_margin(box, self.config.crop.extra_margin, height)
+        key = (index, shift)
+        if self._prepared is None or self._prepared[0] != key:
+            config = with_overrides(self.config, bbox_shift=shift)
+            self._prepared = (key, prepare_source_frame(self._decode(index), self.detections[index], config))
+        return self._prepared[1]
+
+    def face_box(self, index: int | None = None, bbox_shift: int | None = None) -> Box | None:
+        """The box the pipeline crops for this frame and shift (extra margin included), or None without a face."""
+        return self.source_frame(index, bbox_shift).face_box
 
     def crop(self, index: int | None = None, bbox_shift: int | None = None) -> np.ndarray | None:
         """The (256, 256, 3) uint8 BGR crop the VAE sees, or None without a face."""
-        from musetalk.stages.faces.crop import crop_face
-
-        index = self._index if index is None else index
-        box = self.face_box(index, bbox_shift)
-        return None if box is None else crop_face(self._decode(index), box)
+        return self.source_frame(index, bbox_shift).crop
 
     def material(self, index: int | None = None, bbox_shift: int | None = None) -> BlendMaterial | None:
         """The paste-back mask of this frame and shift (None without a parser or a face); cached."""
-        from musetalk.stages.blending import prepare_blend_material
+        from musetalk.stages.blending import material_from_parsing
 
-        index = self._index if index is None else index
-        box = self.face_box(index, bbox_shift)
-        if self.parser is None or box is None:
+        item = self.source_frame(index, bbox_shift)
+        if self.parser is None or item.face_box is None:
             return None
-        key = (index, box)
+        key = (self._index if index is None else index, item.face_box)
         if key not in self._materials:
-            b = self.config.blend
-            self._materials[key] = prepare_blend_material(
-                self._decode(index), box, self.parser, b.parsing_mode, b.left_cheek_width, b.right_cheek_width,
-                upper_boundary_ratio=b.upper_boundary_ratio, expand=b.expand, blur_factor=b.blur_factor)
+            self._materials[key] = material_from_parsing(self.parser.parse(item.parser_crop), item.face_box,
+                                                         self.config.blend)
             if len(self._materials) > MATERIAL_CACHE:
                 self._materials.popitem(last=False)
         self._materials.move_to_end(key)
