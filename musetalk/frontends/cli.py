@@ -21,7 +21,9 @@ REPO_SAMPLES = Path(__file__).resolve().parents[2] / "samples"
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--models", type=Path, default=None, help="models folder (default: $MUSETALK_MODELS or ./models)")
+    from musetalk.frontends.options import add_models_flag
+
+    add_models_flag(p)
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
@@ -31,11 +33,9 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace) -> GenerationConfig:
-    from musetalk.config import preset
-    from musetalk.frontends.options import overrides_from
+    from musetalk.frontends.options import config_from_args
 
-    settings = overrides_from(args)
-    return preset(settings.pop("version", "v15"), **settings)
+    return config_from_args(args)
 
 
 def _pipeline(args: argparse.Namespace, config: GenerationConfig | None = None,

@@ -11,7 +11,7 @@ import argparse
 import inspect
 from typing import Any, Optional
 
-from musetalk.config import Setting, user_settings
+from musetalk.config import GenerationConfig, Setting, user_settings
 
 # Transport-level bounds on integer form fields: far outside any useful value, they only stop numbers that
 # would overflow the int32 arithmetic of the crop code. The useful ranges are checked by GenerationConfig.
@@ -42,6 +42,22 @@ def add_setting_flags(parser: argparse.ArgumentParser, scopes: tuple[str, ...] =
             kwargs["type"] = setting.type
             kwargs["metavar"] = setting.type.__name__.upper() if not setting.choices else None
         parser.add_argument(setting.flag, **kwargs)
+
+
+def add_models_flag(parser: argparse.ArgumentParser) -> None:
+    """``--models DIR``: the weights folder (every command that loads the models)."""
+    from pathlib import Path
+
+    parser.add_argument("--models", type=Path, default=None,
+                        help="models folder (default: $MUSETALK_MODELS or ./models)")
+
+
+def config_from_args(namespace: argparse.Namespace | dict[str, Any]) -> GenerationConfig:
+    """The version's preset with every setting given on the command line (or in a form) applied."""
+    from musetalk.config import preset
+
+    settings = overrides_from(namespace)
+    return preset(settings.pop("version", "v15"), **settings)
 
 
 def overrides_from(namespace: argparse.Namespace | dict[str, Any]) -> dict[str, Any]:

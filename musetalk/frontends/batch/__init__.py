@@ -14,7 +14,7 @@ row is checked before any model is loaded: all bad rows are reported at once, an
 CLI's flags and the server's fields), so the three front ends accept and refuse the same values.
 
 Steps of a run:
-1. read and validate the rows -> :class:`Job` list + :class:`RowError` list;
+1. read and validate the rows -> :class:`BatchJob` list + :class:`RowError` list;
 2. order the jobs by avatar group (same source, same crop/blend settings) so each source is prepared once;
 3. run them: locally with one pipeline, or on Ray actors (each loads the models once and keeps its avatar
    cache; a group sticks to one actor while it has jobs; a dead actor is replaced and its job retried);
@@ -27,15 +27,17 @@ from __future__ import annotations
 
 from musetalk.frontends.batch.api import run
 from musetalk.frontends.batch.cli import add_batch_arguments, run_batch
-from musetalk.frontends.batch.jobs import (BATCH_WIDE, JOB_FILE_SUFFIXES, ROW_SETTINGS, BatchError, Job, RowError, load_jobs,
-                                 order_by_group, parse_row, read_rows)
+from musetalk.frontends.batch.jobs import (BATCH_WIDE, JOB_FILE_SUFFIXES, ROW_SETTINGS, BatchError, BatchJob,
+                                           RowError, load_jobs, order_by_group, parse_row, read_rows)
 from musetalk.frontends.batch.local import _run_local
-from musetalk.frontends.batch.outputs import (STAGING_PREFIX, STATES, SUMMARY_NAME, BatchReport, JobResult, JobStarted,
-                                    _cancel, _Outputs)
+from musetalk.frontends.batch.outputs import (STAGING_PREFIX, STATES, SUMMARY_NAME, BatchReport, JobResult,
+                                              JobStarted, _cancel, _Outputs)
 from musetalk.frontends.batch.ray_mode import START_TIMEOUT_S, BatchWorker, _run_ray, pick_group, plan_workers
 from musetalk.frontends.batch.runner import JobRunner
 
+Job = BatchJob  # the name before 0.2 (the server and the batch runner each had a `Job`)
 __all__ = ["BATCH_WIDE", "JOB_FILE_SUFFIXES", "ROW_SETTINGS", "STAGING_PREFIX", "START_TIMEOUT_S", "STATES",
-           "SUMMARY_NAME", "BatchError", "BatchReport", "BatchWorker", "Job", "JobResult", "JobRunner", "JobStarted",
+           "SUMMARY_NAME", "BatchError", "BatchReport", "BatchWorker", "BatchJob", "Job", "JobResult", "JobRunner",
+           "JobStarted",
            "RowError", "add_batch_arguments", "load_jobs", "order_by_group", "parse_row", "pick_group",
            "plan_workers", "read_rows", "run", "run_batch", "_Outputs", "_cancel", "_run_local", "_run_ray"]

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
-from musetalk.frontends.batch.jobs import BatchError, Job, load_jobs
+from musetalk.frontends.batch.jobs import BatchError, BatchJob, load_jobs
 from musetalk.frontends.batch.local import _run_local
 from musetalk.frontends.batch.outputs import SUMMARY_NAME, BatchReport, JobResult, JobStarted, _Outputs
 from musetalk.frontends.batch.ray_mode import _run_ray
@@ -78,7 +78,7 @@ def run(jobs: str | os.PathLike | Iterable[Mapping[str, Any]], output_dir: str |
 
 
 
-def _check_summary(summary: Path, jobs: Any, valid: list[Job], out: Path) -> None:
+def _check_summary(summary: Path, jobs: Any, valid: list[BatchJob], out: Path) -> None:
     """The summary is rewritten from scratch: refuse one that is the jobs file, a row's input or a row's output."""
     from musetalk.stream.paths import check_output_not_input, file_key
 

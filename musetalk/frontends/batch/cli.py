@@ -12,7 +12,7 @@ from musetalk.frontends.batch.outputs import STATES
 
 def add_batch_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``musetalk batch JOBS --output-dir DIR [--ray [ADDRESS]] [--workers N] [--retries K] ...``."""
-    from musetalk.frontends.cli import _add_generation_args, _add_model_args
+    from musetalk.frontends.options import add_models_flag, add_setting_flags
 
     parser.add_argument("jobs", type=Path, help="CSV (with a header) or JSONL: source, audio[, output, settings]")
     parser.add_argument("--output-dir", type=Path, required=True, help="where the videos and summary.jsonl go")
@@ -27,18 +27,18 @@ def add_batch_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-invalid", action="store_true", help="run the valid rows even if some are invalid")
     parser.add_argument("--summary", type=Path, default=None, help="summary JSONL (default DIR/summary.jsonl)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_model_args(parser)
-    _add_generation_args(parser)  # batch-wide defaults; a row's own columns override them
+    add_models_flag(parser)
+    add_setting_flags(parser)  # batch-wide defaults; a row's own columns override them
 
 
 def run_batch(args: argparse.Namespace) -> int:
     """``musetalk batch``: 0 when every row made its video, 1 when some did not, 128 + signal when interrupted
     (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP)."""
-    from musetalk.frontends.cli import _config
+    from musetalk.frontends.options import config_from_args
     from musetalk.frontends.signals import exit_status, interrupt_signal, signal_name
 
     try:
-        report = run(args.jobs, args.output_dir, config=_config(args), models=args.models, ray=args.ray,
+        report = run(args.jobs, args.output_dir, config=config_from_args(args), models=args.models, ray=args.ray,
                      workers=args.workers, cpus_per_worker=args.cpus_per_worker, retries=args.retries,
                      collect=args.collect, skip_invalid=args.skip_invalid, summary=args.summary,
                      progress=not args.quiet)

@@ -1,4 +1,4 @@
-"""Reading and validating the rows of a jobs file: :class:`Job`, :class:`RowError`, :class:`BatchError`,
+"""Reading and validating the rows of a jobs file: :class:`BatchJob`, :class:`RowError`, :class:`BatchError`,
 :func:`load_jobs`, and :func:`order_by_group` (same avatar group next to each other)."""
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ _KIND_NAMES = {int: "a whole number", float: "a number", str: "text"}
 
 # -- data ------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class Job:
+class BatchJob:
     """One validated row: absolute input paths, the output name inside the output folder, its settings."""
 
     row: int  # line of the jobs file (CSV: the spreadsheet row, header = 1; JSONL: the line); list index + 1
@@ -174,8 +174,8 @@ def _check_output_name(value: Any) -> str:
 
 
 def parse_row(number: int, cells: Mapping[str, Any], base_dir: Path, base: GenerationConfig
-              ) -> tuple[Job | None, list[RowError]]:
-    """One row -> a Job (``output`` still empty when the row names none), or None and every error of the row."""
+              ) -> tuple[BatchJob | None, list[RowError]]:
+    """One row -> a BatchJob (``output`` still empty when the row names none), or None and every error of the row."""
     cells = {str(k).strip().lower().replace("-", "_"): v for k, v in cells.items()
              if not str(k).strip().startswith("#")}  # '#notes' columns are comments
     errors: list[RowError] = []
@@ -207,10 +207,10 @@ def parse_row(number: int, cells: Mapping[str, Any], base_dir: Path, base: Gener
     errors += setting_errors
     if errors:
         return None, errors
-    return Job(number, paths["source"], paths["audio"], output, with_overrides(base, **settings)), []
+    return BatchJob(number, paths["source"], paths["audio"], output, with_overrides(base, **settings)), []
 
 
-def _assign_outputs(jobs: list[Job]) -> tuple[list[Job], list[RowError]]:
+def _assign_outputs(jobs: list[BatchJob]) -> tuple[list[BatchJob], list[RowError]]:
     """Give every job a distinct output name: named ones first (duplicates are errors), then defaults."""
     taken: dict[str, int] = {}
     errors: list[RowError] = []
@@ -243,7 +243,7 @@ def _row_inputs(cells: Mapping[str, Any], folder: Path) -> list[Path]:
     return [(folder / Path(value).expanduser()).resolve() for value in values if value]
 
 
-def _output_errors(jobs: list[Job], output_dir: Path, inputs: Mapping[int, list[Path]]) -> list[RowError]:
+def _output_errors(jobs: list[BatchJob], output_dir: Path, inputs: Mapping[int, list[Path]]) -> list[RowError]:
     """Rows whose output would overwrite an input of any row, or the output of an earlier row (the same file under
     another spelling: a symlinked subfolder, another case)."""
     from musetalk.stream.paths import file_key, find_input_clash
@@ -271,7 +271,7 @@ def _output_errors(jobs: list[Job], output_dir: Path, inputs: Mapping[int, list[
 
 def load_jobs(jobs: str | os.PathLike | Iterable[Mapping[str, Any]], config: GenerationConfig | None = None,
               base_dir: str | os.PathLike | None = None, output_dir: str | os.PathLike | None = None
-              ) -> tuple[list[Job], list[RowError], int]:
+              ) -> tuple[list[BatchJob], list[RowError], int]:
     """Read and validate every row; returns (valid jobs, errors of all invalid rows, number of rows).
 
     jobs: a .csv / .jsonl path (paths in it are relative to its folder) or rows as mappings (relative to
@@ -307,9 +307,9 @@ def load_jobs(jobs: str | os.PathLike | Iterable[Mapping[str, Any]], config: Gen
     return parsed, sorted(errors, key=lambda e: e.row), total
 
 
-def order_by_group(jobs: Sequence[Job]) -> list[Job]:
+def order_by_group(jobs: Sequence[BatchJob]) -> list[BatchJob]:
     """Jobs of one avatar group next to each other (groups in first-appearance order, rows in file order)."""
-    groups: OrderedDict[Hashable, list[Job]] = OrderedDict()
+    groups: OrderedDict[Hashable, list[BatchJob]] = OrderedDict()
     for job in jobs:
         groups.setdefault(job.group, []).append(job)
     return [job for group in groups.values() for job in group]

@@ -7,7 +7,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Callable
 
-from musetalk.frontends.batch.jobs import Job, order_by_group
+from musetalk.frontends.batch.jobs import BatchJob, order_by_group
 from musetalk.frontends.batch.outputs import JobStarted, _cancel, _Outputs
 from musetalk.frontends.batch.runner import JobRunner
 from musetalk.config import GenerationConfig
@@ -19,7 +19,7 @@ if TYPE_CHECKING:  # torch-heavy: imported when a batch runs, not when the CLI i
 
 
 # -- 4a. local mode ---------------------------------------------------------------------------------------------
-def _run_local(jobs: list[Job], outputs: _Outputs, config: GenerationConfig, models: str | os.PathLike | None,
+def _run_local(jobs: list[BatchJob], outputs: _Outputs, config: GenerationConfig, models: str | os.PathLike | None,
                pipeline: MuseTalkPipeline | None, on_job_start: Callable[[JobStarted], None] | None,
                hooks: RunHooks | None = None) -> float:
     """Every job in this process with one pipeline; returns when the models were ready (time.perf_counter)."""

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from musetalk.frontends.batch.jobs import Job
+from musetalk.frontends.batch.jobs import BatchJob
 
 log = logging.getLogger("musetalk.frontends.batch")  # one logger name for the whole package, as before the split
 
@@ -87,17 +87,17 @@ class _Outputs:
 
             self.bar = tqdm(total=total, desc="batch", unit="job")
 
-    def staged(self, job: Job) -> Path:
+    def staged(self, job: BatchJob) -> Path:
         """Where ``job`` writes its video; the folder exists."""
         folder = self.staging / f"row{job.row}"
         folder.mkdir(exist_ok=True)
         return folder / Path(job.output).name
 
-    def discard(self, job: Job) -> None:
+    def discard(self, job: BatchJob) -> None:
         """Drop what a dead worker left of ``job`` (a partial encoder file)."""
         shutil.rmtree(self.staging / f"row{job.row}", ignore_errors=True)
 
-    def finish(self, job: Job | None, result: JobResult, data: bytes | None = None) -> None:
+    def finish(self, job: BatchJob | None, result: JobResult, data: bytes | None = None) -> None:
         """Record a final state; for a done job, move its staged file (or write the returned bytes) into place."""
         if job is not None and result.state == "done":
             final = self.dir / job.output
@@ -132,7 +132,7 @@ class _Outputs:
         log.warning("could not remove the staging folder %s", self.staging)
 
 
-def _cancel(outputs: _Outputs, jobs: Iterable[Job], attempts: Mapping[int, int]) -> None:
+def _cancel(outputs: _Outputs, jobs: Iterable[BatchJob], attempts: Mapping[int, int]) -> None:
     for job in jobs:
         outputs.finish(None, JobResult(job.row, None, "cancelled", attempts=attempts.get(job.row, 0)))
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Hashable, Mapping
 
-from musetalk.frontends.batch.jobs import Job, order_by_group
+from musetalk.frontends.batch.jobs import BatchJob, order_by_group
 from musetalk.frontends.batch.outputs import JobResult, JobStarted, _cancel, _Outputs
 from musetalk.frontends.batch.runner import JobRunner
 from musetalk.frontends.signals import reclaim as reclaim_stop_signals
@@ -74,7 +74,7 @@ class BatchWorker:
             self._inputs[blob["hash"]] = folder / blob["name"] if blob["single"] else folder
         return self._inputs[blob["hash"]]
 
-    def run(self, job: Job, staged: str | None, source: Mapping[str, Any] | None = None,
+    def run(self, job: BatchJob, staged: str | None, source: Mapping[str, Any] | None = None,
             audio: Mapping[str, Any] | None = None) -> tuple[JobResult, bytes | None]:
         """Run ``job`` into ``staged`` (shared file system), or into a temp file whose bytes are returned."""
         assert self.runner is not None, "run() on a worker whose models failed to load"
@@ -186,7 +186,7 @@ class _Slot:
     name: str = ""
     state: str = "starting"  # starting | idle | busy
     group: Hashable | None = None  # avatar group this actor prepared last: it gets that group's next jobs
-    job: Job | None = None
+    job: BatchJob | None = None
     ref: Any = None  # ObjectRef of ready() or run()
     started_at: float = field(default_factory=time.monotonic)
 
@@ -194,12 +194,12 @@ class _Slot:
 class _RayScheduler:
     """Driver side of Ray mode: a pool of actors, group affinity, replacement of dead actors, retries."""
 
-    def __init__(self, ray: Any, jobs: list[Job], outputs: _Outputs, config: GenerationConfig, models: str | None,
+    def __init__(self, ray: Any, jobs: list[BatchJob], outputs: _Outputs, config: GenerationConfig, models: str | None,
                  count: int, options: dict[str, float], retries: int, collect: bool,
                  on_job_start: Callable[[JobStarted], None] | None) -> None:
         self.ray, self.outputs, self.config, self.models = ray, outputs, config, models
         self.options, self.retries, self.collect, self.on_job_start = options, retries, collect, on_job_start
-        self.pending: OrderedDict[Hashable, deque[Job]] = OrderedDict()
+        self.pending: OrderedDict[Hashable, deque[BatchJob]] = OrderedDict()
         for job in order_by_group(jobs):
             self.pending.setdefault(job.group, deque()).append(job)
         self.attempts: dict[int, int] = {}
@@ -258,7 +258,7 @@ class _RayScheduler:
         self._start(slot)  # keeps the affinity; an actor that is idle earlier may take the retried job first
 
     # -- jobs
-    def _next_job(self, slot: _Slot) -> Job | None:
+    def _next_job(self, slot: _Slot) -> BatchJob | None:
         owned = {s.group for s in self.slots if s is not slot and s.state != "starting"}
         slot.group = pick_group(slot.group, {g: len(q) for g, q in self.pending.items()}, owned)
         return None if slot.group is None else self.pending[slot.group].popleft()
@@ -351,7 +351,7 @@ class _RayScheduler:
                 self.ray.kill(slot.actor, no_restart=True)
 
 
-def _run_ray(jobs: list[Job], outputs: _Outputs, config: GenerationConfig, models: str | os.PathLike | None,
+def _run_ray(jobs: list[BatchJob], outputs: _Outputs, config: GenerationConfig, models: str | os.PathLike | None,
              address: bool | str, workers: int | None, cpus_per_worker: float | None, retries: int, collect: bool,
              on_job_start: Callable[[JobStarted], None] | None) -> tuple[float, int]:
     """Every job on Ray actors; returns (when the first worker was ready (time.perf_counter), number of actors)."""

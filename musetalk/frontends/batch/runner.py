@@ -10,7 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from musetalk.frontends.batch.jobs import Job
+from musetalk.frontends.batch.jobs import BatchJob
 from musetalk.frontends.batch.outputs import JobResult
 from musetalk.errors import Cancelled, MuseTalkError
 
@@ -33,7 +33,7 @@ class JobRunner:
         self.worker = worker
         self._hashes: dict[tuple[str, int, int], str] = {}
 
-    def avatar_name(self, job: Job) -> str:
+    def avatar_name(self, job: BatchJob) -> str:
         """``batch-<16 hex>``: the same for the same source content, version and crop / blend / fps settings."""
         from musetalk.stream.avatar import hash_source
 
@@ -45,7 +45,7 @@ class JobRunner:
                            "crop": asdict(job.config.crop), "blend": asdict(job.config.blend)}, sort_keys=True)
         return "batch-" + hashlib.sha256(blob.encode()).hexdigest()[:16]
 
-    def run(self, job: Job, out: Path) -> JobResult:
+    def run(self, job: BatchJob, out: Path) -> JobResult:
         """Generate ``job`` into ``out`` (its folder must exist). Never raises for a failed job (KeyboardInterrupt
         and SystemExit do propagate, and so does Cancelled from the hooks): the error, with its fix, is in the
         result."""

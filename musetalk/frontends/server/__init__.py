@@ -15,13 +15,13 @@ No model is loaded at import; the models load once, when the app starts (the def
 job that asks for another version (in the worker, which owns the device).
 
 Modules: ``settings`` (ServerSettings, constants), ``errors`` (ApiError, http_error), ``uploads`` (sniffing,
-store_upload, BodyLimit), ``jobs`` (Job, GenerationService, PipelineLoader), ``schemas`` (response models) and
+store_upload, BodyLimit), ``jobs`` (ServerJob, GenerationService, PipelineLoader), ``schemas`` (response models) and
 ``app`` (create_app, routes, shutdown authorization). Every public name is re-exported here.
 """
 
 from musetalk.frontends.server.app import authorize_shutdown, create_app, is_loopback
 from musetalk.frontends.server.errors import ApiError, JobCancelled, http_error, redact
-from musetalk.frontends.server.jobs import GenerationService, Job, PipelineLoader, memory_figures
+from musetalk.frontends.server.jobs import GenerationService, ServerJob, PipelineLoader, memory_figures
 from musetalk.frontends.server.schemas import MP4, ErrorBody, FieldError, Health, JobStatus, ServiceInfo, ShutdownStatus
 from musetalk.frontends.server.settings import (
     COPY_CHUNK,
@@ -37,10 +37,11 @@ from musetalk.frontends.server.settings import (
 )
 from musetalk.frontends.server.uploads import AUDIO_KINDS, SOURCE_KINDS, UNSUPPORTED, BodyLimit, Sniffed, sniff, store_upload
 
+Job = ServerJob  # the name before 0.2 (the server and the batch runner each had a `Job`)
 __all__ = [
     "AUDIO_KINDS", "COPY_CHUNK", "FORM_INT_BOUND", "JOB_ID_PATTERN", "MP4", "POLL_S", "RESULT_NAME", "SNIFF_BYTES",
     "SOURCE_KINDS", "UNSUPPORTED", "ApiError", "BodyLimit", "ErrorBody", "FieldError", "GenerationService", "Health",
-    "Job", "JobCancelled", "JobState", "JobStatus", "Loader", "MiB", "PipelineLoader", "ServerSettings",
+    "ServerJob", "Job", "JobCancelled", "JobState", "JobStatus", "Loader", "MiB", "PipelineLoader", "ServerSettings",
     "ServiceInfo", "ShutdownStatus", "Sniffed", "authorize_shutdown", "create_app", "http_error", "is_loopback",
     "memory_figures", "redact", "sniff", "store_upload",
 ]

@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from musetalk import __version__
 from musetalk.errors import MuseTalkError
 from musetalk.frontends.server.errors import ApiError, http_error
-from musetalk.frontends.server.jobs import GenerationService, Job, memory_figures
+from musetalk.frontends.server.jobs import GenerationService, ServerJob, memory_figures
 from musetalk.frontends.server.live import add_live_routes
 from musetalk.frontends.server.schemas import MP4, ErrorBody, Health, JobStatus, ServiceInfo, ShutdownStatus, _errors
 from musetalk.frontends.options import overrides_from, with_form_settings
@@ -140,7 +140,7 @@ def _add_job_routes(app: FastAPI, service: GenerationService) -> None:
         run_async: bool = Form(False, alias="async", description="return 202 and a job id instead of waiting"),
         **settings: Any,
     ) -> Any:
-        """Waits and answers the mp4 (X-Job-Id, X-Frames headers), or with async=true answers 202 at once."""
+        """Waits and answers the mp4 (X-ServerJob-Id, X-Frames headers), or with async=true answers 202 at once."""
         fields = overrides_from(settings)
         config = service.make_config(fields.pop("version", None), **fields)
         job = await run_in_threadpool(service.submit, config, avatar, source.file, audio.file, not run_async)
@@ -173,7 +173,7 @@ def _add_job_routes(app: FastAPI, service: GenerationService) -> None:
         return service.status(service.cancel(find_job(service, job_id).id))
 
 
-def find_job(service: GenerationService, job_id: str) -> Job:
+def find_job(service: GenerationService, job_id: str) -> ServerJob:
     """The job ``job_id`` names, or ApiError 404 for any other id: unknown, expired, deleted or malformed (a
     malformed one is not echoed back: it may be huge or hold control characters)."""
     if re.fullmatch(JOB_ID_PATTERN, job_id) is None:
@@ -182,7 +182,7 @@ def find_job(service: GenerationService, job_id: str) -> Job:
     return service.get(job_id)
 
 
-async def _wait_for(request: Request, service: GenerationService, job: Job) -> Any:
+async def _wait_for(request: Request, service: GenerationService, job: ServerJob) -> Any:
     """Wait for a synchronous job; send its mp4 (then delete it) or its error. A gone client cancels it."""
     ticks = 0
     while not job.done.is_set():
@@ -197,7 +197,7 @@ async def _wait_for(request: Request, service: GenerationService, job: Job) -> A
         assert job.error is not None
         return job.error.response()
     return FileResponse(job.result, media_type="video/mp4", filename=f"musetalk-{job.id[:8]}.mp4",
-                        headers={"X-Job-Id": job.id, "X-Frames": str(job.frames_done)},
+                        headers={"X-ServerJob-Id": job.id, "X-Frames": str(job.frames_done)},
                         background=BackgroundTask(service.delete, job.id))
 
 

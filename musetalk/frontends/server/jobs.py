@@ -1,4 +1,4 @@
-"""Jobs: :class:`Job`, the :class:`GenerationService` (queue + worker thread), :class:`PipelineLoader`."""
+"""Jobs: :class:`ServerJob`, the :class:`GenerationService` (queue + worker thread), :class:`PipelineLoader`."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ log = logging.getLogger("musetalk.frontends.server")  # the logger name the sing
 
 # -- jobs ---------------------------------------------------------------------------------------------------------
 @dataclass(eq=False)
-class Job:
+class ServerJob:
     """One generation request. Written by the worker thread, read by the handlers (single fields: GIL-atomic)."""
 
     id: str
@@ -73,7 +73,7 @@ class JobHooks(Hooks):
     (generation), so a cancel lands within about one frame's work.
     """
 
-    def __init__(self, job: Job) -> None:
+    def __init__(self, job: ServerJob) -> None:
         self.job = job
 
     def progress(self, phase: str, done: int, total: int | None) -> None:
@@ -103,10 +103,10 @@ class GenerationService:
         else:
             self._pipelines[pipeline_or_loader.version] = pipeline_or_loader  # type: ignore[union-attr]
         self._cond = threading.Condition()
-        self._pending: collections.deque[Job] = collections.deque()
+        self._pending: collections.deque[ServerJob] = collections.deque()
         self._reserved = 0  # queue slots promised to requests still storing their uploads
-        self._jobs: dict[str, Job] = {}
-        self._running: Job | None = None
+        self._jobs: dict[str, ServerJob] = {}
+        self._running: ServerJob | None = None
         self._closing = False
         self._durations: collections.deque[float] = collections.deque(maxlen=8)
         self._worker: threading.Thread | None = None
@@ -204,7 +204,7 @@ class GenerationService:
         return config
 
     def submit(self, config: GenerationConfig, avatar: str | None, source: IO[bytes], audio: IO[bytes],
-               synchronous: bool) -> Job:
+               synchronous: bool) -> ServerJob:
         """Store, check and queue one job; raises ApiError 415/422/429/503 without queueing anything."""
         from musetalk.stream.avatar import check_avatar_name
 
@@ -224,7 +224,7 @@ class GenerationService:
                 self._check_media(source_path, audio_path, config)
             except MuseTalkError as exc:
                 raise redact(exc, folder) from None
-            job = Job(job_id, folder, config, avatar, source_path, audio_path, synchronous)
+            job = ServerJob(job_id, folder, config, avatar, source_path, audio_path, synchronous)
         except BaseException:
             self._release_slot()
             shutil.rmtree(folder, ignore_errors=True)
@@ -273,7 +273,7 @@ class GenerationService:
             raise InputError(f"the audio is {seconds:.0f} s long; this server takes at most "
                              f"{self.settings.max_audio_seconds:g} s", "split the audio into shorter parts")
 
-    def get(self, job_id: str) -> Job:
+    def get(self, job_id: str) -> ServerJob:
         """The job, or ApiError 404 (unknown, expired or deleted)."""
         self.purge_expired()
         job = self._jobs.get(job_id)
@@ -282,7 +282,7 @@ class GenerationService:
                            f"results are kept for {self.settings.result_ttl_s:g} s after a job ends")
         return job
 
-    def cancel(self, job_id: str) -> Job:
+    def cancel(self, job_id: str) -> ServerJob:
         """Cancel a queued job now, ask a running one to stop, or delete a finished one (and its result)."""
         job = self.get(job_id)
         with self._cond:
@@ -315,7 +315,7 @@ class GenerationService:
         for job in expired:
             self.delete(job.id)
 
-    def queue_position(self, job: Job) -> int | None:
+    def queue_position(self, job: ServerJob) -> int | None:
         """0 for the next job to run; None when the job is not waiting."""
         with self._cond:
             return self._pending.index(job) if job in self._pending else None
@@ -347,7 +347,7 @@ class GenerationService:
             with self._cond:
                 self._running = None
 
-    def _run(self, job: Job) -> None:
+    def _run(self, job: ServerJob) -> None:
         """Run one job to done / failed / cancelled; its input files are removed whatever happens."""
         started = time.perf_counter()
         state: JobState = "done"
@@ -369,7 +369,7 @@ class GenerationService:
             self._durations.append(time.perf_counter() - started)
         self._finish(job, state, error)
 
-    def _generate(self, pipe: "MuseTalkPipeline", job: Job) -> None:
+    def _generate(self, pipe: "MuseTalkPipeline", job: ServerJob) -> None:
         """The one generation path (``pipeline.generate``), with the job's hooks; a cancel -> JobCancelled."""
         try:
             result = pipe.generate(job.source, job.audio, job.result, job.config, avatar=job.avatar, progress=False,
@@ -380,7 +380,7 @@ class GenerationService:
         if job.generating_until is None:
             job.generating_until = time.perf_counter()
 
-    def _finish(self, job: Job, state: JobState, error: ApiError | None) -> None:
+    def _finish(self, job: ServerJob, state: JobState, error: ApiError | None) -> None:
         if state != "done":  # removed before the state changes: a client that sees "failed" sees no files
             shutil.rmtree(job.folder, ignore_errors=True)
         job.state, job.error, job.stage, job.finished_at = state, error, "finished", time.time()
@@ -388,7 +388,7 @@ class GenerationService:
         log.info("job %s %s%s", job.id, state, f": {error.message}" if error else "")
 
     # -- read-outs --------------------------------------------------------------------------------------------
-    def status(self, job: Job) -> dict[str, Any]:
+    def status(self, job: ServerJob) -> dict[str, Any]:
         """The JSON body of GET /jobs/{id}."""
         total = job.frames_total
         return {
