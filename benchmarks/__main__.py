@@ -11,6 +11,7 @@ STEPS = [
     ["benchmarks.bench_landmarks"],
     ["benchmarks.bench_quality"],
     ["benchmarks.bench_batch"],
+    ["benchmarks.bench_live"],
 ]
 
 if __name__ == "__main__":

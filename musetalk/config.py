@@ -79,6 +79,8 @@ class RuntimeConfig:
     dtype: str = option("auto", "model dtype (auto: fp16 on GPUs, bf16 on CPUs with native bf16, else fp32)",
                         choices=("auto", "fp32", "fp16", "bf16"), scope="process")
     batch_size: int = option(8, "frames per UNet + VAE call", scope="batch")
+    backend: str = option("auto", "UNet + VAE backend (auto: MLX on Apple Silicon when installed, else torch)",
+                          choices=("auto", "torch", "mlx"), scope="process")
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,8 @@ class GenerationConfig:
             raise InputError(f"unknown parsing mode {self.blend.parsing_mode!r}", f"use one of {', '.join(PARSING_MODES)}")
         if not 1 <= self.fps <= 120:
             raise InputError(f"fps {self.fps} is out of range", "use an fps between 1 and 120")
+        if self.runtime.backend not in ("auto", "torch", "mlx"):
+            raise InputError(f"unknown backend {self.runtime.backend!r}", "use auto, torch or mlx")
         if self.runtime.batch_size < 1:
             raise InputError("batch size must be at least 1", "use --batch-size 1 or more")
         if self.crop.extra_margin < 0:

@@ -42,7 +42,7 @@ def _pipeline(args: argparse.Namespace, config: GenerationConfig | None = None) 
 
     config = config or _config(args)
     return MuseTalkPipeline.from_pretrained(args.models, version=config.version, device=config.runtime.device,
-                                            dtype=config.runtime.dtype)
+                                            dtype=config.runtime.dtype, backend=config.runtime.backend)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -259,6 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="HTTP API over the pipeline (docs/api.md); needs musetalk[server]")
     add_serve_arguments(p)
     p.set_defaults(func=run_serve)
+    from musetalk.frontends.live_client import add_live_arguments, run_live  # websockets imported when it runs
+    p = sub.add_parser("live", help="stream an audio file to a server's live session (docs/api.md), get the frames")
+    add_live_arguments(p)
+    p.set_defaults(func=run_live)
     return parser
 
 

@@ -72,6 +72,7 @@ def doctor(models_dir: Path, verify: bool = False) -> list[Check]:
     devices = ["cpu"] + (["cuda: " + torch.cuda.get_device_name(0)] if torch.cuda.is_available() else []) \
         + (["mps"] if mps_available() else [])
     checks.append(Check("devices", True, ", ".join(devices)))
+    checks.append(_mlx_check())
     if platform.system() == "Darwin":
         checks.append(Check("PYTORCH_ENABLE_MPS_FALLBACK", os.environ.get("PYTORCH_ENABLE_MPS_FALLBACK") == "1",
                             os.environ.get("PYTORCH_ENABLE_MPS_FALLBACK", "unset"),
@@ -108,6 +109,18 @@ def doctor(models_dir: Path, verify: bool = False) -> list[Check]:
         checks.append(Check(entry.part, present, "present" if present else "absent",
                             f"musetalk download --syncnet --dir {models_dir}", required=False))
     return checks
+
+
+def _mlx_check() -> Check:
+    """Whether the MLX backend (--backend mlx; auto's choice on Apple Silicon) can run, and how to add it."""
+    from musetalk.stages.mlx import INSTALL_HINT, is_apple_silicon, mlx_available
+
+    where = "Apple Silicon: --backend auto picks it" if is_apple_silicon() else "not Apple Silicon: auto keeps torch"
+    if not mlx_available():
+        return Check("MLX backend", False, f"not installed ({where})", INSTALL_HINT, required=False)
+    import mlx.core as mx
+
+    return Check("MLX backend", True, f"mlx {mx.__version__} on {mx.default_device()} ({where})", required=False)
 
 
 def _blocking(entry: WeightFile) -> bool:

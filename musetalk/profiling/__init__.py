@@ -12,10 +12,10 @@ matplotlib is imported only when a plot is drawn.
 from musetalk.profiling.memory import CappedSeries, MemoryMonitor
 from musetalk.profiling.plots import plot_comparison, plot_fps, plot_memory, plot_stage_times, save_figures
 from musetalk.profiling.report import ProfileReport, Profiler, compare, machine_info
-from musetalk.profiling.timing import HOST_STAGES, PIPELINE_STAGES, FpsMeter, StageStats, StageTimer
+from musetalk.profiling.timing import HOST_STAGES, PIPELINE_STAGES, FpsMeter, LatencyMeter, StageStats, StageTimer
 
 __all__ = [
-    "CappedSeries", "FpsMeter", "HOST_STAGES", "MemoryMonitor", "PIPELINE_STAGES", "ProfileReport", "Profiler",
+    "CappedSeries", "FpsMeter", "HOST_STAGES", "LatencyMeter", "MemoryMonitor", "PIPELINE_STAGES", "ProfileReport", "Profiler",
     "StageStats", "StageTimer", "compare", "machine_info", "plot_comparison", "plot_fps", "plot_memory",
     "plot_stage_times", "save_figures",
 ]

@@ -13,6 +13,11 @@ Every number names the counter it comes from (G11). Counters, in bytes:
                                 unlike the sampled counters, which can miss a spike shorter than ``interval``
   mps_current_allocated_memory  ``torch.mps.current_allocated_memory``: live tensors
   mps_driver_allocated_memory   ``torch.mps.driver_allocated_memory``: everything Metal holds for the process
+  mlx_active_memory             ``mlx.core.get_active_memory``: live MLX arrays (the MLX backend's UNet + VAE)
+  mlx_peak_memory               ``mlx.core.get_peak_memory``, reset when the monitor starts: exact peak
+  mlx_cache_memory              ``mlx.core.get_cache_memory``: freed buffers MLX keeps for reuse
+                                (the mlx_* counters appear once the process has loaded MLX; on Apple Silicon they
+                                count Metal memory that RSS does not show)
 
 Limits (read once): ``system_total``, ``cuda_total_memory``, ``mps_recommended_max_memory`` (the Metal working
 set above which allocations start to fail or swap).
@@ -21,6 +26,7 @@ set above which allocations start to fail or swap).
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -123,6 +129,15 @@ BACKENDS: dict[str, Backend] = {
 }
 
 
+def _mlx_counters() -> dict[str, int]:
+    """MLX's allocator, read only when the process has imported MLX (profiling never imports it itself)."""
+    mx = sys.modules.get("mlx.core")
+    if mx is None:
+        return {}
+    return {"mlx_active_memory": mx.get_active_memory(), "mlx_peak_memory": mx.get_peak_memory(),
+            "mlx_cache_memory": mx.get_cache_memory()}
+
+
 def as_device(device: str | torch.device | None) -> torch.device:
     """``None`` -> cpu; a string -> ``torch.device`` (no availability check: the pipeline resolved it already)."""
     return torch.device("cpu") if device is None else torch.device(device)
@@ -185,6 +200,7 @@ class MemoryMonitor:
         sample["system_available"] = psutil.virtual_memory().available
         if self.backend is not None:
             sample.update(self.backend.counters(self.device))
+        sample.update(_mlx_counters())
         with self._lock:
             self._series.append(sample)
             for key, value in sample.items():
@@ -213,6 +229,8 @@ class MemoryMonitor:
             self.limits.update(self.backend.limits(self.device))
             if self.backend.reset_peak is not None:
                 self.backend.reset_peak(self.device)
+        if "mlx.core" in sys.modules:
+            sys.modules["mlx.core"].reset_peak_memory()
         self.sample()
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="musetalk-memory", daemon=True)

@@ -30,7 +30,7 @@ import torch
 
 from musetalk.hooks import Hooks
 from musetalk.profiling.memory import BACKENDS, DEFAULT_INTERVAL, MemoryMonitor, as_device
-from musetalk.profiling.timing import FpsMeter, StageStats, StageTimer, order_stages
+from musetalk.profiling.timing import FpsMeter, LatencyMeter, StageStats, StageTimer, order_stages
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,8 @@ PEAK_LABELS = {
     "cuda_memory_reserved": "CUDA reserved",
     "mps_current_allocated_memory": "MPS allocated",
     "mps_driver_allocated_memory": "MPS driver allocated",
+    "mlx_peak_memory": "MLX peak",
+    "mlx_cache_memory": "MLX cache",
     "system_available_min": "system available, lowest",
 }
 
@@ -93,6 +95,9 @@ class ProfileReport:
     peaks: dict[str, float]  # max of each counter; system_available_min is the lowest available memory
     limits: dict[str, int] = field(default_factory=dict)  # system_total, cuda_total_memory, mps_recommended_max_memory
     notes: list[str] = field(default_factory=list)  # e.g. why USS is missing
+    # live sessions only: frames, late, first_s, p50_s, p95_s, max_s, mean_s (audio that completes a frame ->
+    # the frame leaving the pipeline); empty for offline runs
+    latency: dict[str, Any] = field(default_factory=dict)
     schema: int = SCHEMA
 
     # -- persistence ---------------------------------------------------------------------------------------
@@ -153,6 +158,11 @@ class ProfileReport:
         lines += [f"| limit `{key}` | {format_bytes(value)} |" for key, value in self.limits.items()]
         lines += ["", f"fps: {_num(self.overall_fps)} overall (frames / wall time), "
                       f"{_num(self.stream_fps)} streaming (first to last frame)"]
+        if self.latency.get("frames"):
+            lat = self.latency
+            lines += [f"latency (audio in -> frame out): first {1e3 * lat['first_s']:.0f} ms, p50 "
+                      f"{1e3 * lat['p50_s']:.0f} ms, p95 {1e3 * lat['p95_s']:.0f} ms, max {1e3 * lat['max_s']:.0f} ms; "
+                      f"{lat['late']} of {lat['frames']} frames late"]
         lines += [f"note: {note}" for note in self.notes]
         return "\n".join(lines)
 
@@ -222,6 +232,7 @@ class Profiler(Hooks):
         self.memory = MemoryMonitor(interval, self.device, uss=uss)
         self.timer = StageTimer(self.device, warmup=warmup)
         self.fps_meter = FpsMeter()
+        self.latency = LatencyMeter()
         self.meta = dict(meta or {})
         self._start: float | None = None
         self._stop: float | None = None
@@ -233,6 +244,10 @@ class Profiler(Hooks):
     def frame_done(self) -> None:
         """Count one output frame now."""
         self.fps_meter.frame_done()
+
+    def frame_latency(self, seconds: float, late: bool = False) -> None:
+        """Record a live frame's latency (s): called by live sessions, once per frame, with ``frame_done``."""
+        self.latency.add(seconds, late)
 
     def start(self) -> Profiler:
         """Start the wall clock and the memory sampler."""
@@ -279,4 +294,5 @@ class Profiler(Hooks):
             fps_series=[[t - origin, fps] for t, fps in self.fps_meter.series()],
             memory=[{**s, "t": s["t"] - origin} for s in self.memory.samples],
             bands=[[name, t0 - origin, t1 - origin, thread] for name, t0, t1, thread in self.timer.intervals()],
-            peaks=peaks, limits=dict(self.memory.limits), notes=notes)
+            peaks=peaks, limits=dict(self.memory.limits), notes=notes,
+            latency=self.latency.summary() if self.latency.frames else {})

@@ -27,6 +27,7 @@ import torch
 
 from musetalk.devices import synchronize
 from musetalk.profiling.memory import CappedSeries, as_device
+from musetalk.stream.latency import LatencyMeter  # noqa: F401  (re-exported: the Profiler uses it)
 
 # The pipeline's stage names, in pipeline order (prepare: landmarks..vae_encode; stream: audio..encode).
 PIPELINE_STAGES = ("landmarks", "crop", "parsing", "vae_encode", "audio", "unet", "vae_decode", "blend", "encode")
@@ -216,3 +217,4 @@ class FpsMeter:
         """Frames per second over ``start``..``end`` (perf_counter s), e.g. the whole profiled run."""
         with self._lock:
             return self.frames / (end - start) if end > start and self.frames else None
+

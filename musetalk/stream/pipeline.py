@@ -37,6 +37,7 @@ from musetalk.hooks import ProgressBars, RunHooks, check_cancelled, combine
 from musetalk.weights import DOWNLOAD_HINT, default_models_dir, layout
 
 if TYPE_CHECKING:
+    from musetalk.stream.live import LiveConfig, LiveSession
     from musetalk.stages.audio import AudioEncoder
     from musetalk.stages.faces.types import LandmarkBackend
     from musetalk.stages.parsing import FaceParser
@@ -95,12 +96,23 @@ class MuseTalkPipeline:
 
     @classmethod
     def from_pretrained(cls, models_dir: str | os.PathLike | None = None, version: str = "v15",
-                        device: str = "auto", dtype: str | torch.dtype = "auto") -> "MuseTalkPipeline":
-        """Load every model from an official ``models/`` folder; device/dtype resolved here, once."""
+                        device: str = "auto", dtype: str | torch.dtype = "auto",
+                        backend: str = "auto") -> "MuseTalkPipeline":
+        """Load every model from an official ``models/`` folder; device/dtype/backend resolved here, once.
+
+        ``backend``: torch | mlx | auto (MLX on Apple Silicon when installed): which implementation runs the UNet
+        and the VAE; the audio encoder and the face parser are torch models on ``device`` either way.
+        """
         from musetalk.stages.audio import AudioEncoder
+        from musetalk.stages.mlx import resolve_backend
         from musetalk.stages.parsing import FaceParser
-        from musetalk.stages.unet import UNet
-        from musetalk.stages.vae import VAE
+
+        if resolve_backend(backend) == "mlx":
+            from musetalk.stages.mlx.unet import MLXUNet as UNet
+            from musetalk.stages.mlx.vae import MLXVAE as VAE
+        else:
+            from musetalk.stages.unet import UNet  # type: ignore[assignment]
+            from musetalk.stages.vae import VAE  # type: ignore[assignment]
 
         models = Path(models_dir) if models_dir is not None else default_models_dir()
         parts = layout(version)
@@ -111,7 +123,8 @@ class MuseTalkPipeline:
                                DOWNLOAD_HINT.format(models=models))
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
-        log.info("loading MuseTalk %s from %s on %s (%s)", version, models, dev, dt)
+        log.info("loading MuseTalk %s from %s on %s (%s), UNet + VAE on %s", version, models, dev, dt,
+                 getattr(UNet, "backend", "torch"))
         # Whisper and the face parser run once per segment / source frame: keep them in fp32 for exactness
         return cls(AudioEncoder.from_pretrained(models / parts.whisper_dir, device=dev),
                    VAE.from_pretrained(models / parts.vae_dir, device=dev, dtype=dt),
@@ -251,20 +264,47 @@ class MuseTalkPipeline:
                 count = min(batch_size, n_out - start)
                 with stage("audio"):
                     batch_windows = np.stack([next(windows) for _ in range(count)])
-                sources = [pingpong(i, len(avatar)) for i in range(start, start + count)]
-                rows = [k for k, s in enumerate(sources) if avatar.has_face[s]]
-                faces = None
-                if rows:
-                    latents = torch.from_numpy(np.stack([avatar.latents[sources[k]] for k in rows]))
-                    with stage("unet"):
-                        predicted = self.unet(latents, torch.from_numpy(batch_windows[rows]))
-                    with stage("vae_decode"):
-                        faces = self.vae.decode(predicted)
-                _put_unless_stopped(out, (sources, rows, faces), stop)
+                _put_unless_stopped(out, self._predict_batch(avatar, start, batch_windows, stage), stop)
         except BaseException as exc:  # handed to the consumer, which re-raises it
             _put_unless_stopped(out, exc, stop)
             return
         _put_unless_stopped(out, _SENTINEL, stop)
+
+    def _predict_batch(self, avatar: Avatar, start: int, batch_windows: np.ndarray, stage
+                       ) -> tuple[list[int], list[int], np.ndarray | None]:
+        """UNet + VAE decode of output frames ``start..`` from their (B, 50, 384) audio windows.
+
+        Returns (source index per frame, rows with a face, (len(rows), 256, 256, 3) uint8 BGR faces or None).
+        Shared by ``stream`` and live sessions (``musetalk.stream.live``).
+        """
+        sources = [pingpong(i, len(avatar)) for i in range(start, start + len(batch_windows))]
+        rows = [k for k, s in enumerate(sources) if avatar.has_face[s]]
+        faces = None
+        if rows:
+            latents = torch.from_numpy(np.stack([avatar.latents[sources[k]] for k in rows]))
+            with stage("unet"):
+                predicted = self.unet(latents, torch.from_numpy(batch_windows[rows]))
+            with stage("vae_decode"):
+                faces = self.vae.decode(predicted)
+        return sources, rows, faces
+
+    @staticmethod
+    def _compose_frames(avatar: Avatar, batch: tuple, frame_of: Callable, mask_of: Callable, stage
+                        ) -> Generator[np.ndarray, None, None]:
+        """Paste one predicted batch back into its source frames; yields (H, W, 3) uint8 BGR frames in order.
+        Shared by ``stream`` and live sessions."""
+        from musetalk.stages.blending import BlendMaterial, blend_with_material
+
+        sources, rows, faces = batch
+        face_of_row = {k: j for j, k in enumerate(rows)}
+        for k, s in enumerate(sources):
+            frame = frame_of(s)
+            if k in face_of_row:
+                with stage("blend"):
+                    x1, y1, x2, y2 = (int(v) for v in avatar.mask_boxes[s])
+                    material = BlendMaterial(mask=mask_of(s), crop_box=(x1, y1, x2, y2))
+                    frame = blend_with_material(frame, faces[face_of_row[k]], avatar.face_box(s), material)
+            yield frame
 
     def stream(self, avatar: Avatar, audio: str | os.PathLike | np.ndarray, config: GenerationConfig | None = None,
                hooks: RunHooks | None = None, profiler: RunHooks | None = None) -> Generator[np.ndarray, None, None]:
@@ -275,8 +315,6 @@ class MuseTalkPipeline:
         ``hooks`` (or ``profiler``) see every stage and frame; when they cancel, the generator raises
         :class:`~musetalk.errors.Cancelled` before the next frame.
         """
-        from musetalk.stages.blending import BlendMaterial, blend_with_material
-
         config = (config or self.default_config()).validate()
         wav = audio if isinstance(audio, np.ndarray) else audio_stage.load_audio(audio)
         audio_stage.check_speech(wav, avatar.meta.fps, source=str(audio) if not isinstance(audio, np.ndarray) else "audio")
@@ -300,16 +338,8 @@ class MuseTalkPipeline:
                     break
                 if isinstance(item, BaseException):
                     raise item
-                sources, rows, faces = item
-                face_of_row = {k: j for j, k in enumerate(rows)}
-                for k, s in enumerate(sources):
+                for frame in self._compose_frames(avatar, item, frame_of, mask_of, stage):
                     check_cancelled(run)
-                    frame = frame_of(s)
-                    if k in face_of_row:
-                        with stage("blend"):
-                            x1, y1, x2, y2 = (int(v) for v in avatar.mask_boxes[s])
-                            material = BlendMaterial(mask=mask_of(s), crop_box=(x1, y1, x2, y2))
-                            frame = blend_with_material(frame, faces[face_of_row[k]], avatar.face_box(s), material)
                     run.frame_done()
                     done += 1
                     run.progress("generate", done, n_out)
@@ -317,6 +347,18 @@ class MuseTalkPipeline:
         finally:
             stop.set()
             worker.join(timeout=30)
+
+    # -- 2b. live -----------------------------------------------------------------------------------------------
+    def live(self, avatar: Avatar, config: GenerationConfig | None = None, options: "LiveConfig | None" = None,
+             hooks: RunHooks | None = None, profiler: RunHooks | None = None) -> "LiveSession":
+        """A live session on ``avatar``: ``feed(pcm)`` audio as it is spoken, iterate frames as they are made.
+
+        ``options`` is a :class:`musetalk.stream.live.LiveConfig` (look-ahead, buffers, lateness). ``hooks`` (or
+        ``profiler``) see every stage and frame, and get each frame's latency when they have ``frame_latency``.
+        """
+        from musetalk.stream.live import LiveSession
+
+        return LiveSession(self, avatar, (config or self.default_config()).validate(), options, hooks, profiler)
 
     # -- 3. generate ---------------------------------------------------------------------------------------
     @staticmethod

@@ -22,10 +22,14 @@ VERIFIERS: dict[str, tuple[str, str]] = {
     "golden_syncnet.npz": ("syncnet", "musetalk.testing.golden_syncnet:verify"),
     "golden_lse_crop.npz": ("lse-crop", "musetalk.testing.golden_lse_crop:verify"),
 }
+BACKEND_KINDS = {"musetalk"}  # sets whose verifier runs the UNet + VAE, on the backend asked for
 
 
-def verify_set(set_dir: Path) -> tuple[str, list[StageResult]]:
-    """Verify one golden set; returns its kind and the per-stage results."""
+def verify_set(set_dir: Path, backend: str = "torch") -> tuple[str, list[StageResult]]:
+    """Verify one golden set; returns its kind and the per-stage results.
+
+    ``backend`` (torch | mlx) picks the UNet + VAE implementation of MuseTalk sets; other kinds ignore it.
+    """
     for filename, (kind, target) in VERIFIERS.items():
         if (set_dir / filename).is_file():
             module_name, func_name = target.split(":")
@@ -35,7 +39,8 @@ def verify_set(set_dir: Path) -> tuple[str, list[StageResult]]:
                 if exc.name and exc.name.startswith("musetalk"):
                     return kind, [not_covered(kind, f"no implementation yet ({module_name})")]
                 raise
-            return kind, getattr(module, func_name)(set_dir)
+            kwargs = {"backend": backend} if kind in BACKEND_KINDS else {}
+            return kind, getattr(module, func_name)(set_dir, **kwargs)
     return "unknown", [StageResult("set", "n/a", float("nan"), "n/a", False,
                                    f"no known golden file in {set_dir} (expected one of {sorted(VERIFIERS)})")]
 
@@ -43,15 +48,26 @@ def verify_set(set_dir: Path) -> tuple[str, list[StageResult]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m musetalk.testing.golden", description=__doc__.splitlines()[0])
     parser.add_argument("sets", nargs="+", type=Path, help="golden set folders")
+    parser.add_argument("--backend", default="torch", choices=["torch", "mlx"],
+                        help="UNet + VAE implementation for MuseTalk sets (default torch)")
     args = parser.parse_args(argv)
+    if args.backend == "mlx":
+        from musetalk.errors import InputError
+        from musetalk.stages.mlx import resolve_backend
+
+        try:
+            resolve_backend("mlx")
+        except InputError as exc:
+            print(f"error: {exc.message} (fix: {exc.fix})", file=sys.stderr)
+            return 2
     all_passed = True
     for set_dir in args.sets:
         if not set_dir.is_dir():
             print(f"FAIL        {set_dir}: not a folder", flush=True)
             all_passed = False
             continue
-        kind, results = verify_set(set_dir)
-        print(f"== {set_dir} ({kind})", flush=True)
+        kind, results = verify_set(set_dir, args.backend)
+        print(f"== {set_dir} ({kind}{', backend ' + args.backend if kind in BACKEND_KINDS else ''})", flush=True)
         for result in results:
             print("  " + result.line(), flush=True)
         ok = bool(results) and all(r.passed is True for r in results)

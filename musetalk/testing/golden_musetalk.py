@@ -28,8 +28,9 @@ CROP_LEVELS, CROP_FRACTION = 2, 0.995
 class _Set:
     """A golden set opened lazily: manifest parameters, arrays and the models built from its own files."""
 
-    def __init__(self, set_dir: Path) -> None:
+    def __init__(self, set_dir: Path, backend: str = "torch") -> None:
         self.dir = set_dir
+        self.backend = backend  # torch | mlx: which implementation runs the UNet and the VAE
         self.manifest = json.loads((set_dir / "manifest.json").read_text())
         self.g = np.load(set_dir / "golden.npz")
         inputs = self.manifest.get("inputs", {})
@@ -51,6 +52,12 @@ class _Set:
             if name == "audio":
                 from musetalk.stages.audio import AudioEncoder
                 self._cache[name] = AudioEncoder.from_pretrained(models / "whisper")
+            elif name == "vae" and self.backend == "mlx":
+                from musetalk.stages.mlx.vae import MLXVAE
+                self._cache[name] = MLXVAE.from_pretrained(models / "sd-vae", cache=False)  # goldens stay read-only
+            elif name == "unet" and self.backend == "mlx":
+                from musetalk.stages.mlx.unet import MLXUNet
+                self._cache[name] = MLXUNet.from_pretrained(self.unet_config, self.unet_weights, cache=False)
             elif name == "vae":
                 from musetalk.stages.vae import VAE
                 self._cache[name] = VAE.from_pretrained(models / "sd-vae")
@@ -182,10 +189,13 @@ def _chained(s: _Set) -> list[StageResult]:
     return rows
 
 
-def verify(set_dir: Path) -> list[StageResult]:
-    """Run every stage of a MuseTalk golden set; one StageResult per compared array."""
+def verify(set_dir: Path, backend: str = "torch") -> list[StageResult]:
+    """Run every stage of a MuseTalk golden set; one StageResult per compared array.
+
+    ``backend="mlx"`` runs the UNet and the VAE (model stages and the chained run) on MLX, same tolerances.
+    """
     torch.manual_seed(0)
-    s = _Set(Path(set_dir))
+    s = _Set(Path(set_dir), backend)
     rows: list[StageResult] = []
     for name, fn in (("audio", _audio_stages), ("faces", _face_stages), ("models", _model_stages),
                      ("parsing", _parsing_stages), ("blending", _blend_stages), ("chained", _chained)):

@@ -29,7 +29,8 @@ def _run_local(jobs: list[Job], outputs: _Outputs, config: GenerationConfig, mod
     try:
         if pipeline is None:
             pipeline = MuseTalkPipeline.from_pretrained(models, version=config.version,
-                                                        device=config.runtime.device, dtype=config.runtime.dtype)
+                                                        device=config.runtime.device, dtype=config.runtime.dtype,
+                                                        backend=config.runtime.backend)
         elif pipeline.version != config.version:
             raise InputError(f"the pipeline runs {pipeline.version} but the batch asks for {config.version}",
                              "load the pipeline for the batch's version, or set the version to match")

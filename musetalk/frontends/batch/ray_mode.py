@@ -46,7 +46,7 @@ class BatchWorker:
         self._inputs: dict[str, Path] = {}
         try:
             pipe = MuseTalkPipeline.from_pretrained(models, version=config.version, device=config.runtime.device,
-                                                    dtype=config.runtime.dtype)
+                                                    dtype=config.runtime.dtype, backend=config.runtime.backend)
             self.runner = JobRunner(pipe, self.name)
         except MuseTalkError as exc:
             self.error = exc.message + (f" (fix: {exc.fix})" if exc.fix else "")

@@ -332,6 +332,10 @@ class LiveDashboard(Hooks):
         if last or due:
             self.refresh()
 
+    def frame_latency(self, seconds: float, late: bool = False) -> None:
+        """A live session's per-frame latency, passed on to the profiler (shown in the status line)."""
+        self.profiler.frame_latency(seconds, late)
+
     def start(self) -> LiveDashboard:
         """Start the profiler (wall clock, memory sampling) and draw the empty dashboard."""
         self.profiler.start()
@@ -366,6 +370,10 @@ class LiveDashboard(Hooks):
                  f"{fps:.2f} fps" if fps is not None else "fps: -", f"{report.wall_s:.1f} s"]
         if rss is not None:
             parts.append(f"RSS {format_bytes(rss)}")
+        lat = report.latency
+        if lat.get("frames"):  # live sessions: audio that completes a frame -> the frame out
+            parts.append(f"latency first {1e3 * lat['first_s']:.0f} ms, p50 {1e3 * lat['p50_s']:.0f} ms, "
+                         f"p95 {1e3 * lat['p95_s']:.0f} ms, {lat['late']} late")
         return " &middot; ".join(parts)
 
     def refresh(self) -> None:

@@ -24,6 +24,7 @@ from musetalk import __version__
 from musetalk.errors import MuseTalkError
 from musetalk.frontends.server.errors import ApiError, http_error
 from musetalk.frontends.server.jobs import GenerationService, Job, memory_figures
+from musetalk.frontends.server.live import add_live_routes
 from musetalk.frontends.server.schemas import MP4, ErrorBody, Health, JobStatus, ServiceInfo, ShutdownStatus, _errors
 from musetalk.frontends.options import overrides_from, with_form_settings
 from musetalk.frontends.server.settings import JOB_ID_PATTERN, POLL_S, Loader, ServerSettings
@@ -52,6 +53,7 @@ def create_app(pipeline_or_loader: "MuseTalkPipeline | Loader", settings: Server
         try:
             yield
         finally:
+            await run_in_threadpool(_app.state.live.close)  # live sessions and prepared avatars
             await run_in_threadpool(service.close)
 
     app = FastAPI(title="MuseTalk Studio", version=__version__, lifespan=lifespan,
@@ -62,6 +64,7 @@ def create_app(pipeline_or_loader: "MuseTalkPipeline | Loader", settings: Server
     _add_error_handlers(app)
     _add_info_routes(app, service)
     _add_job_routes(app, service)
+    app.state.live = add_live_routes(app, service)  # /avatars and the /avatars/{id}/live WebSocket
     return app
 
 

@@ -122,7 +122,8 @@ def run_serve(args: argparse.Namespace) -> int:
         raise MuseTalkError(f"the server needs fastapi, uvicorn and python-multipart ({exc.name} is missing)",
                             "pip install 'musetalk[server]'") from None
     settings = _settings(args)
-    loader = PipelineLoader(args.models, device=args.device or "auto", dtype=args.dtype or "auto")
+    loader = PipelineLoader(args.models, device=args.device or "auto", dtype=args.dtype or "auto",
+                            backend=args.backend or "auto")
     loader(args.default_version)  # load now: missing weights stop here with their fix, before the port opens
     sock = bind_socket(args.host, args.port)
     host, port = sock.getsockname()[:2]

@@ -410,12 +410,14 @@ class PipelineLoader:
     mutable; a second version costs its full memory.
     """
 
-    def __init__(self, models_dir: str | os.PathLike | None, device: str = "auto", dtype: str = "auto") -> None:
+    def __init__(self, models_dir: str | os.PathLike | None, device: str = "auto", dtype: str = "auto",
+                 backend: str = "auto") -> None:
         from musetalk.weights import default_models_dir
 
         self.models_dir = Path(models_dir) if models_dir is not None else default_models_dir()
         self.device = device
         self.dtype = dtype
+        self.backend = backend
         self._loaded: dict[str, MuseTalkPipeline] = {}
         self._lock = threading.Lock()
 
@@ -436,7 +438,8 @@ class PipelineLoader:
             if version not in self._loaded:
                 self.check(version)
                 self._loaded[version] = MuseTalkPipeline.from_pretrained(self.models_dir, version=version,
-                                                                         device=self.device, dtype=self.dtype)
+                                                                         device=self.device, dtype=self.dtype,
+                                                                         backend=self.backend)
             return self._loaded[version]
 
 
