@@ -12,6 +12,7 @@ STEPS = [
     ["benchmarks.bench_quality"],
     ["benchmarks.bench_batch"],
     ["benchmarks.bench_live"],
+    ["benchmarks.bench_silence"],
 ]
 
 if __name__ == "__main__":

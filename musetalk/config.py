@@ -13,6 +13,8 @@ from musetalk.errors import InputError
 
 VERSIONS = ("v15", "v1")
 PARSING_MODES = ("raw", "jaw", "neck")
+SILENCE_MODES = ("off", "source", "closed")
+SMOOTHING_MODES = ("off", "one_euro")
 
 
 SCOPES = ("run", "batch", "process")
@@ -56,6 +58,11 @@ class CropConfig:
     bbox_shift: int = option(0, "px; moves the upper edge of the crop (positive: down, more mouth opening)")
     extra_margin: int = option(10, "px added below the chin (v1.5); 0 for v1")
     landmarks: str = option("dlib", "landmark backend", choices=("dlib", "face_alignment", "dwpose"))
+    # Temporal smoothing of the crop box over a video source (docs/quality.md); stored in the avatar.
+    smoothing: str = option("off", "steadier crop box over a video: one_euro filters landmark jitter out; off "
+                            "follows each frame's landmarks (the reference)", choices=SMOOTHING_MODES)
+    smoothing_min_cutoff: float = option(0.5, "Hz; One-Euro cutoff at rest: lower = steadier still face, more lag")
+    smoothing_beta: float = option(0.2, "One-Euro speed coefficient (per px/s): higher = less lag in fast moves")
 
 
 @dataclass(frozen=True)
@@ -68,6 +75,18 @@ class BlendConfig:
     expand: float = option(1.5, "the parsed square is this much larger than the face box")
     upper_boundary_ratio: float = option(0.5, "top fraction of the mask cleared (the upper face is kept)")
     blur_factor: float = option(0.05, "mask edge blur, fraction of the crop width: 0.05 as inference.py (realtime: 0.1)")
+
+
+@dataclass(frozen=True)
+class SilenceConfig:
+    """What the mouth does in pauses of the speech (musetalk/stages/silence.py, docs/quality.md)."""
+
+    silence: str = option("source", "in pauses: source shows the source frame's own mouth, closed a closed-mouth "
+                          "frame, off generates every frame (the reference)", choices=SILENCE_MODES)
+    silence_threshold: float = option(0.5, "speech probability (0..1) below which audio counts as silence")
+    silence_min_s: float = option(0.3, "s; shorter pauses keep the generated mouth")
+    silence_frame: int = option(-1, "closed mode: source frame to show; -1 picks the most closed mouth")
+    silence_fade: int = option(3, "frames of cross-fade at each edge of a pause")
 
 
 @dataclass(frozen=True)
@@ -91,6 +110,7 @@ class GenerationConfig:
     fps: float = option(25.0, "output frame rate for image / folder sources (videos keep their own)")
     crop: CropConfig = field(default_factory=CropConfig)
     blend: BlendConfig = field(default_factory=BlendConfig)
+    pauses: SilenceConfig = field(default_factory=SilenceConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def validate(self) -> "GenerationConfig":
@@ -110,7 +130,24 @@ class GenerationConfig:
         for name in ("left_cheek_width", "right_cheek_width"):
             if not 0 <= getattr(self.blend, name) <= 256:
                 raise InputError(f"{name} must be within 0..256", "the default is 90 (v1.5) or 80 (v1)")
+        self._validate_quiet()
         return self
+
+    def _validate_quiet(self) -> None:
+        crop, pauses = self.crop, self.pauses
+        if crop.smoothing not in SMOOTHING_MODES:
+            raise InputError(f"unknown smoothing {crop.smoothing!r}", f"use one of {', '.join(SMOOTHING_MODES)}")
+        if not (crop.smoothing_min_cutoff > 0 and crop.smoothing_beta >= 0):
+            raise InputError("smoothing_min_cutoff must be > 0 Hz and smoothing_beta >= 0",
+                             "start from --smoothing-min-cutoff 0.5 --smoothing-beta 0.2")
+        if pauses.silence not in SILENCE_MODES:
+            raise InputError(f"unknown silence mode {pauses.silence!r}", f"use one of {', '.join(SILENCE_MODES)}")
+        if not 0.0 < pauses.silence_threshold < 1.0:
+            raise InputError(f"silence_threshold {pauses.silence_threshold} is outside (0, 1)", "0.5 is a good start")
+        if not 0.0 <= pauses.silence_min_s <= 10.0:
+            raise InputError(f"silence_min_s {pauses.silence_min_s} is outside 0..10 s", "about 0.3 s works well")
+        if not 0 <= pauses.silence_fade <= 25:
+            raise InputError(f"silence_fade {pauses.silence_fade} is outside 0..25 frames", "3 frames is 120 ms")
 
 
 def preset(version: str = "v15", **overrides: object) -> GenerationConfig:
@@ -130,7 +167,7 @@ def preset(version: str = "v15", **overrides: object) -> GenerationConfig:
 
 def with_overrides(config: GenerationConfig, **overrides: object) -> GenerationConfig:
     """A copy with fields replaced by name, wherever they live; None values are ignored; unknown names raise."""
-    parts: dict[str, Any] = {"crop": config.crop, "blend": config.blend, "runtime": config.runtime}
+    parts: dict[str, Any] = {name: getattr(config, name) for name in _PARTS}
     top: dict[str, Any] = {}
     for key, value in overrides.items():
         if value is None:
@@ -166,4 +203,4 @@ def user_settings() -> list[Setting]:
     return out
 
 
-_PARTS: dict[str, type] = {"crop": CropConfig, "blend": BlendConfig, "runtime": RuntimeConfig}
+_PARTS: dict[str, type] = {"crop": CropConfig, "blend": BlendConfig, "pauses": SilenceConfig, "runtime": RuntimeConfig}

@@ -188,7 +188,7 @@ def test_form_fields_are_config_fields() -> None:
     import inspect
     import typing
 
-    from musetalk.config import BlendConfig, CropConfig, GenerationConfig, RuntimeConfig
+    from musetalk.config import BlendConfig, CropConfig, GenerationConfig, RuntimeConfig, SilenceConfig
     from musetalk.frontends.server import create_app
 
     class _Pipe:  # create_app does not touch the pipeline until the app starts
@@ -201,7 +201,7 @@ def test_form_fields_are_config_fields() -> None:
     app = create_app(_Pipe())
     endpoint = next(r.endpoint for r in app.routes if getattr(r, "path", "") == "/generate")
     config_types = {}
-    for cls in (GenerationConfig, CropConfig, BlendConfig, RuntimeConfig):
+    for cls in (GenerationConfig, CropConfig, BlendConfig, SilenceConfig, RuntimeConfig):
         config_types.update({k: v for k, v in typing.get_type_hints(cls).items()})
     transport = {"request", "source", "audio", "avatar", "run_async", "return"}
     params = inspect.signature(endpoint).parameters

@@ -30,9 +30,10 @@ from musetalk.profiling.memory import CappedSeries, as_device
 from musetalk.stream.latency import LatencyMeter  # noqa: F401  (re-exported: the Profiler uses it)
 
 # The pipeline's stage names, in pipeline order (prepare: landmarks..vae_encode; stream: audio..encode).
-PIPELINE_STAGES = ("landmarks", "crop", "parsing", "vae_encode", "audio", "unet", "vae_decode", "blend", "encode")
-# numpy / PyAV work only: no device sync (see the module docstring)
-HOST_STAGES = frozenset({"crop", "blend", "encode"})
+PIPELINE_STAGES = ("landmarks", "crop", "parsing", "vae_encode", "vad", "audio", "unet", "vae_decode", "blend",
+                   "silence", "encode")
+# numpy / PyAV work only (the VAD runs on the CPU): no device sync (see the module docstring)
+HOST_STAGES = frozenset({"crop", "vad", "blend", "silence", "encode"})
 RESERVOIR_SIZE = 1024  # durations kept per stage for median / p90: +-3 % on p90 is plenty for a report
 MAX_INTERVALS = 1024  # stage bands kept per stage (thinned evenly over the run, see CappedSeries)
 FPS_WINDOW_S = 2.0  # the pipeline emits frames in batch-size bursts; 2 s smooths a batch of 8 at 4 fps

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from musetalk.stages import audio as audio_stage
+from musetalk.stream import pauses
 from musetalk.stream.avatar import Avatar, AvatarMeta, AvatarWriter, avatar_key, cache_root, check_avatar_name, \
     hash_source, load_avatar
 from musetalk.stream.paths import check_output_not_input
@@ -54,6 +55,15 @@ def pingpong(index: int, num_source_frames: int) -> int:
         return 0
     j = index % (2 * num_source_frames)
     return j if j < num_source_frames else 2 * num_source_frames - 1 - j
+
+
+def _box_smoother(config: GenerationConfig, fps: float):
+    """The crop-box smoother of a preparation (musetalk/stages/faces/smoothing.py), or None when it is off."""
+    if config.crop.smoothing == "off":
+        return None
+    from musetalk.stages.faces.smoothing import BoxSmoother
+
+    return BoxSmoother(fps, config.crop.smoothing_min_cutoff, config.crop.smoothing_beta)
 
 
 def _put_unless_stopped(out: queue.Queue, item: object, stop: threading.Event) -> None:
@@ -93,6 +103,7 @@ class MuseTalkPipeline:
         self.dtype = unet.dtype
         self._landmarker_factory = landmarker_factory
         self._landmarkers: dict[str, LandmarkBackend] = {}
+        self._vad = None  # voice-activity detector (silence handling), built on first use
 
     @classmethod
     def from_pretrained(cls, models_dir: str | os.PathLike | None = None, version: str = "v15",
@@ -145,6 +156,14 @@ class MuseTalkPipeline:
                 self._landmarkers[name] = get_landmark_backend(name, device=str(self.device), **kwargs)
         return self._landmarkers[name]
 
+    def vad(self):
+        """The voice-activity detector of the silence handling (CPU, shipped with silero-vad), built once."""
+        if self._vad is None:
+            from musetalk.stages.silence import SileroVAD
+
+            self._vad = SileroVAD.from_pretrained()
+        return self._vad
+
     def default_config(self, **overrides: object) -> GenerationConfig:
         """The reference preset of this pipeline's version, with overrides."""
         return preset(self.version, **overrides)
@@ -190,6 +209,7 @@ class MuseTalkPipeline:
         stage = run.stage
         landmarker = self.landmarker(config.crop.landmarks)
         writer = AvatarWriter(path)
+        smoother = _box_smoother(config, fps)  # None: boxes follow each frame's landmarks (the reference)
         batch = max(1, config.runtime.batch_size)
         pending: list[np.ndarray | None] = []  # crops awaiting the VAE (None: no face)
 
@@ -215,6 +235,8 @@ class MuseTalkPipeline:
                     result = landmarker.detect(frame)
                 box = crop_box(result.landmarks, config.crop.bbox_shift, result.detector_box) \
                     if result.has_face else None
+                if smoother is not None:
+                    box = smoother(box)
                 if box is not None:
                     face_box = apply_extra_margin(box, config.crop.extra_margin, frame.shape[0])
                     with stage("crop"):
@@ -252,7 +274,7 @@ class MuseTalkPipeline:
 
     # -- 2. stream -----------------------------------------------------------------------------------------
     def _predict_batches(self, avatar: Avatar, wav: np.ndarray, batch_size: int, stop: threading.Event,
-                         out: queue.Queue, stage) -> None:
+                         out: queue.Queue, stage, plan=None) -> None:
         """Producer thread: UNet + VAE decode per batch of output frames -> (source indices, faces)."""
         try:
             fps = avatar.meta.fps
@@ -264,21 +286,24 @@ class MuseTalkPipeline:
                 count = min(batch_size, n_out - start)
                 with stage("audio"):
                     batch_windows = np.stack([next(windows) for _ in range(count)])
-                _put_unless_stopped(out, self._predict_batch(avatar, start, batch_windows, stage), stop)
+                generated = plan.generated if plan is not None else None
+                _put_unless_stopped(out, self._predict_batch(avatar, start, batch_windows, stage, generated), stop)
         except BaseException as exc:  # handed to the consumer, which re-raises it
             _put_unless_stopped(out, exc, stop)
             return
         _put_unless_stopped(out, _SENTINEL, stop)
 
-    def _predict_batch(self, avatar: Avatar, start: int, batch_windows: np.ndarray, stage
-                       ) -> tuple[list[int], list[int], np.ndarray | None]:
+    def _predict_batch(self, avatar: Avatar, start: int, batch_windows: np.ndarray, stage,
+                       generated: np.ndarray | None = None) -> tuple[list[int], list[int], np.ndarray | None]:
         """UNet + VAE decode of output frames ``start..`` from their (B, 50, 384) audio windows.
 
         Returns (source index per frame, rows with a face, (len(rows), 256, 256, 3) uint8 BGR faces or None).
+        ``generated`` (per output frame, from the silence plan) leaves out frames shown without a generated face.
         Shared by ``stream`` and live sessions (``musetalk.stream.live``).
         """
         sources = [pingpong(i, len(avatar)) for i in range(start, start + len(batch_windows))]
-        rows = [k for k, s in enumerate(sources) if avatar.has_face[s]]
+        rows = [k for k, s in enumerate(sources) if avatar.has_face[s]
+                and (generated is None or generated[start + k])]  # silent frames skip the models
         faces = None
         if rows:
             latents = torch.from_numpy(np.stack([avatar.latents[sources[k]] for k in rows]))
@@ -323,14 +348,16 @@ class MuseTalkPipeline:
         n_out = audio_stage.num_video_frames(len(wav), avatar.meta.fps)
         frame_of = lru_cache(maxsize=4)(avatar.frame)  # an image source is read once, not once per frame
         mask_of = lru_cache(maxsize=4)(avatar.mask)
+        plan = pauses.plan_for(self.vad, avatar, wav, config, stage)  # None: silence off, every frame generated
+        shown = pauses.PauseFrames(plan, avatar, frame_of, mask_of) if plan is not None else None
         stop = threading.Event()
         batches: queue.Queue = queue.Queue(maxsize=2)
         worker = threading.Thread(target=self._predict_batches, name="musetalk-models", daemon=True,
-                                  args=(avatar, wav, config.runtime.batch_size, stop, batches, stage))
+                                  args=(avatar, wav, config.runtime.batch_size, stop, batches, stage, plan))
         worker.start()
         try:
             run.progress("generate", 0, n_out)
-            done = 0
+            done = 0  # output frames so far: the next frame's index
             while True:
                 check_cancelled(run)
                 item = batches.get()
@@ -338,7 +365,10 @@ class MuseTalkPipeline:
                     break
                 if isinstance(item, BaseException):
                     raise item
-                for frame in self._compose_frames(avatar, item, frame_of, mask_of, stage):
+                for k, frame in enumerate(self._compose_frames(avatar, item, frame_of, mask_of, stage)):
+                    if shown is not None and plan.weights[done] < 1:
+                        with stage("silence"):
+                            frame = shown.show(done, item[0][k], frame)
                     check_cancelled(run)
                     run.frame_done()
                     done += 1

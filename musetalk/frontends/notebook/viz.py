@@ -204,6 +204,51 @@ def plot_waveform(wav: np.ndarray, sample_rate: int = 16_000, fps: float | None 
     return fig
 
 
+def plot_vad(wav: np.ndarray, frame_probs: np.ndarray, silent: np.ndarray, weights: np.ndarray, fps: float,
+             threshold: float = 0.5, sample_rate: int = 16_000) -> Figure:
+    """The silence plan over the waveform: speech probability per video frame, the threshold, the silent
+    stretches (shaded) and the weight of the generated face (1 generated, 0 the reference frame)."""
+    fig = _figure(9, 2.8)
+    ax = fig.add_subplot()
+    t = np.arange(len(wav)) / sample_rate
+    peak = float(np.abs(wav).max()) or 1.0
+    ax.plot(t, 0.5 + 0.5 * np.asarray(wav) / peak, lw=0.4, color="0.6", label="waveform")
+    frames_t = np.arange(len(frame_probs)) / fps
+    ax.step(frames_t, frame_probs, where="post", lw=1, label="speech probability")
+    ax.step(frames_t, weights, where="post", lw=1.5, color="tab:green", label="generated face weight")
+    ax.axhline(threshold, color="tab:red", lw=0.8, ls="--", label=f"threshold {threshold:g}")
+    runs = np.flatnonzero(np.diff(np.concatenate([[0], np.asarray(silent, int), [0]])))
+    for start, stop in zip(runs[::2], runs[1::2]):
+        ax.axvspan(start / fps, stop / fps, color="tab:orange", alpha=0.2, lw=0)
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_xlim(0, max(len(wav) / sample_rate, 1e-3))
+    ax.set_xlabel("time (s)")
+    ax.set_title(f"silence plan: {int(np.sum(silent))} of {len(silent)} frames silent (shaded), "
+                 f"{int(np.sum(np.asarray(weights) <= 0))} skip the UNet")
+    ax.legend(loc="lower right", fontsize=7, ncols=4)
+    return fig
+
+
+def plot_box_tracks(raw: Sequence[Box | None], smoothed: Sequence[Box | None], fps: float | None = None) -> Figure:
+    """Crop-box corners per frame: raw (thin, dotted) and smoothed (solid), x1 / y1 / x2 / y2 in px."""
+    fig = _figure(9, 2.8)
+    axes = fig.subplots(1, 2)
+    x = np.arange(len(raw)) / fps if fps else np.arange(len(raw))
+
+    def column(boxes: Sequence[Box | None], k: int) -> np.ndarray:
+        return np.array([np.nan if b is None else b[k] for b in boxes], np.float64)
+
+    for ax, ks, title in ((axes[0], (0, 2), "x1, x2 (px)"), (axes[1], (1, 3), "y1, y2 (px)")):
+        for k, color in zip(ks, ("tab:blue", "tab:orange")):
+            name = "x1 y1 x2 y2".split()[k]
+            ax.plot(x, column(raw, k), ls=":", lw=1, color=color, label=f"{name} raw")
+            ax.plot(x, column(smoothed, k), lw=1.5, color=color, label=f"{name} smoothed")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("time (s)" if fps else "frame")
+        ax.legend(fontsize=7)
+    return fig
+
+
 def plot_mel(mel: np.ndarray, seconds: float | None = None, frames_per_second: int = 100) -> Figure:
     """A Whisper log-mel segment ((1, 80, 3000) or (80, 3000); 100 mel frames per second), cut at ``seconds``
     (the rest of the 30 s segment is padding)."""

@@ -98,6 +98,7 @@ class BboxShiftTuner:
         self._index = next(i for i, d in enumerate(self.detections) if d.has_face)
         self._materials: OrderedDict[tuple[int, Box], BlendMaterial] = OrderedDict()
         self._ui: dict[str, Any] | None = None
+        self._tracks: tuple[int, np.ndarray] | None = None  # (bbox_shift, the box-track plot drawn for it)
         self.renders = 0  # views drawn into the widgets (tests and curious users)
 
     @classmethod
@@ -202,8 +203,35 @@ class BboxShiftTuner:
         self._materials.move_to_end(key)
         return self._materials[key]
 
+    def box_tracks(self, bbox_shift: int | None = None) -> tuple[list[Box | None], list[Box | None]]:
+        """The crop box of every kept frame as detected and as the One-Euro smoothing would store it (extra margin
+        included), with the config's ``smoothing_min_cutoff`` / ``smoothing_beta`` (docs/quality.md)."""
+        from musetalk.stages.faces.crop import apply_extra_margin, crop_box
+        from musetalk.stages.faces.smoothing import smooth_boxes
+
+        shift = self._shift if bbox_shift is None else bbox_shift
+        raw = [crop_box(d.landmarks, shift, d.detector_box) if d.has_face else None for d in self.detections]
+        step = self.frame_numbers[1] - self.frame_numbers[0] if len(self) > 1 else 1
+        crop = self.config.crop
+        smoothed = smooth_boxes(raw, (self.fps or self.config.fps) / step, crop.smoothing_min_cutoff,
+                                crop.smoothing_beta)
+        height = self._decode(0).shape[0]  # every frame of a source has the same size
+
+        def margin(boxes: list[Box | None]) -> list[Box | None]:
+            return [None if b is None else apply_extra_margin(b, crop.extra_margin, height) for b in boxes]
+        return margin(raw), margin(smoothed)
+
+    def _tracks_view(self) -> np.ndarray:
+        """The box-track plot (drawn once per bbox_shift: it does not depend on the shown frame)."""
+        if self._tracks is None or self._tracks[0] != self._shift:
+            raw, smoothed = self.box_tracks()
+            png = viz.figure_png(viz.plot_box_tracks(raw, smoothed), dpi=70)
+            self._tracks = (self._shift, cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR))
+        return self._tracks[1]
+
     def views(self) -> dict[str, np.ndarray]:
-        """The three pictures for the current frame and shift, as BGR arrays: frame, crop, mask."""
+        """The pictures for the current frame and shift, as BGR arrays: frame, crop, mask, and (with more than one
+        frame) tracks: the crop-box corners over time, raw and smoothed."""
         frame = self._decode(self._index)
         det = self.detections[self._index]
         box = self.face_box()
@@ -219,6 +247,8 @@ class BboxShiftTuner:
         views = {"frame": annotated, "crop": viz.hstack([marked, viz.masked_half(crop)], height=crop.shape[0])}
         views["mask"] = viz.fit(viz.mask_overlay(frame, material, box), height=256) if material is not None \
             else viz.placeholder("no parser")
+        if len(self) > 1:
+            views["tracks"] = self._tracks_view()
         return views
 
     def describe(self) -> str:
@@ -248,16 +278,17 @@ class BboxShiftTuner:
                             continuous_update=False, disabled=len(self) < 2, layout=w.Layout(width="420px"))
         frame.add_class("musetalk-frame")
         status = w.HTML()
-        images = {name: w.Image(format="png") for name in ("frame", "crop", "mask")}
+        images = {name: w.Image(format="png") for name in ("frame", "crop", "mask", "tracks")[:3 + (len(self) > 1)]}
         for name, image in images.items():
             image.add_class(f"musetalk-{name}")
         shift.observe(lambda change: self._set(shift=int(change["new"])), names="value")
         frame.observe(lambda change: self._set(index=int(change["new"])), names="value")
         labels = {"frame": "frame: landmarks, crop box (red), mask line (yellow), blend square (blue)",
                   "crop": "crop 256x256 | what the UNet gets as masked input (lower half regenerated)",
-                  "mask": "paste-back mask (magenta) over the blend square"}
+                  "mask": "paste-back mask (magenta) over the blend square",
+                  "tracks": "crop box corners per kept frame: raw (dotted) vs One-Euro smoothed (solid)"}
         columns = [w.VBox([w.HTML(f"<small>{labels[name]}</small>"), images[name]]) for name in images]
-        box = w.VBox([w.HBox([shift, frame]), status, w.HBox(columns[:1] + [w.VBox(columns[1:])])])
+        box = w.VBox([w.HBox([shift, frame]), status, w.HBox(columns[:1] + [w.VBox(columns[1:3])]), *columns[3:]])
         box.add_class("musetalk-bbox-tuner")
         self._ui = {"box": box, "shift_slider": shift, "frame_slider": frame, "status": status, **images}
         self.render()
@@ -408,6 +439,114 @@ class LiveDashboard(Hooks):
             self._ui = {"box": box, "progress": progress, "status": status, "output": output}
             self.refresh()
         return self._ui["box"]
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
+        return self.widget._repr_mimebundle_(**kwargs)
+
+
+class SilenceTuner:
+    """Tune the silence handling by eye: the VAD's speech probability per video frame over the waveform, the
+    threshold, the silent stretches it yields (at least the minimum duration) and the per-frame weight of the
+    generated face, redrawn as the two sliders move.
+
+    The VAD runs once when the tuner is built; moving a slider only re-plans (pure numpy). Read the choice with
+    :meth:`config_with_choice` (or :attr:`threshold` / :attr:`min_silence_s`).
+    """
+
+    def __init__(self, wav: np.ndarray, fps: float = 25.0, config: GenerationConfig | None = None,
+                 vad: Any = None) -> None:
+        """wav: 16 kHz mono float32 (``musetalk.stages.audio.load_audio``); vad: a ``SileroVAD`` (None: build one)."""
+        from musetalk.config import preset
+        from musetalk.stages import silence
+        from musetalk.stages.audio import num_video_frames
+
+        self.wav = np.asarray(wav, np.float32)
+        self.fps = float(fps)
+        self.config = (config or preset()).validate()
+        self.chunk_probs = silence.speech_probabilities(vad or silence.SileroVAD.from_pretrained(), self.wav)
+        self.n_frames = num_video_frames(len(self.wav), self.fps)
+        self.threshold = self.config.pauses.silence_threshold
+        self.min_silence_s = self.config.pauses.silence_min_s
+        self._ui: dict[str, Any] | None = None
+        self.renders = 0
+
+    @classmethod
+    def from_pipeline(cls, pipe: Any, audio: str | os.PathLike | np.ndarray, fps: float = 25.0,
+                      config: GenerationConfig | None = None) -> SilenceTuner:
+        """A tuner with the pipeline's VAD (built once per pipeline) for an audio file or waveform."""
+        from musetalk.stages.audio import load_audio
+
+        wav = audio if isinstance(audio, np.ndarray) else load_audio(audio)
+        return cls(wav, fps, config or pipe.default_config(), vad=pipe.vad())
+
+    def plan(self):
+        """The per-frame plan for the current threshold and minimum duration (``source`` when the config is off)."""
+        from dataclasses import replace
+
+        from musetalk.stages import silence
+
+        pauses = replace(self.config.pauses, silence=self.config.pauses.silence.replace("off", "source"),
+                         silence_threshold=self.threshold, silence_min_s=self.min_silence_s)
+        return silence.plan_silence(self.chunk_probs, self.n_frames, self.fps, pauses)
+
+    def set(self, threshold: float | None = None, min_silence_s: float | None = None) -> None:
+        """Change the values (checked like the config) and redraw."""
+        from musetalk.config import with_overrides
+
+        threshold = self.threshold if threshold is None else float(threshold)
+        min_silence_s = self.min_silence_s if min_silence_s is None else float(min_silence_s)
+        with_overrides(self.config, silence_threshold=threshold, silence_min_s=min_silence_s)  # raises InputError
+        changed = (threshold, min_silence_s) != (self.threshold, self.min_silence_s)
+        self.threshold, self.min_silence_s = threshold, min_silence_s
+        if self._ui is not None:
+            # keep the sliders in step when driven from Python; their observers see equal values and do not redraw
+            self._ui["threshold"].value, self._ui["min_silence"].value = threshold, min_silence_s
+            if changed:
+                self.render()
+
+    def config_with_choice(self) -> GenerationConfig:
+        """The tuner's config with the chosen threshold and minimum silence."""
+        from musetalk.config import with_overrides
+
+        return with_overrides(self.config, silence_threshold=self.threshold, silence_min_s=self.min_silence_s)
+
+    def figure(self) -> Any:
+        """The timeline as a matplotlib Figure."""
+        plan = self.plan()
+        return viz.plot_vad(self.wav, plan.frame_probs, plan.silent, plan.weights, self.fps, self.threshold)
+
+    def describe(self) -> str:
+        plan = self.plan()
+        return (f"threshold {self.threshold:.2f} | min silence {self.min_silence_s:.2f} s | "
+                f"{int(plan.silent.sum())}/{self.n_frames} frames silent, {plan.skipped} skip the UNet")
+
+    @property
+    def widget(self) -> Any:
+        """The ipywidgets.VBox (built on first use): two sliders, a status line and the timeline."""
+        if self._ui is None:
+            import ipywidgets as w
+
+            threshold = w.FloatSlider(value=self.threshold, min=0.05, max=0.95, step=0.05, description="threshold",
+                                      continuous_update=False)
+            min_silence = w.FloatSlider(value=self.min_silence_s, min=0.0, max=2.0, step=0.05,
+                                        description="min silence s", continuous_update=False)
+            threshold.observe(lambda change: self.set(threshold=change["new"]), names="value")
+            min_silence.observe(lambda change: self.set(min_silence_s=change["new"]), names="value")
+            status, image = w.HTML(), w.Image(format="png")
+            box = w.VBox([w.HBox([threshold, min_silence]), status, image])
+            box.add_class("musetalk-silence-tuner")
+            self._ui = {"box": box, "threshold": threshold, "min_silence": min_silence, "status": status,
+                        "image": image}
+            self.render()
+        return self._ui["box"]
+
+    def render(self) -> None:
+        """Draw the timeline for the current values into the widget."""
+        if self._ui is None:
+            return
+        self._ui["image"].value = viz.figure_png(self.figure())
+        self._ui["status"].value = f"<code>{self.describe()}</code>"
+        self.renders += 1
 
     def _repr_mimebundle_(self, **kwargs: Any) -> Any:
         return self.widget._repr_mimebundle_(**kwargs)
