@@ -257,3 +257,53 @@ def test_avatar_cache_key_follows_the_vae_weights_and_dtype(pipe: MuseTalkPipeli
     assert bf16.prepare_avatar(SAMPLES / "face.png", config, name="keyed").meta.key != first.meta.key
     again = pipe.prepare_avatar(SAMPLES / "face.png", config, name="keyed")
     assert again.meta.key == first.meta.key
+
+
+def test_prepare_matches_frame_by_frame_materials(pipe: MuseTalkPipeline, short_clip: Path) -> None:
+    """Batched parsing + threaded preparation store what the one-frame-at-a-time path makes (fp32, exact)."""
+    from musetalk.stages.blending import prepare_blend_material
+    from musetalk.stages.faces.crop import crop_face
+
+    config = pipe.default_config(batch_size=4)
+    avatar = pipe.prepare_avatar(short_clip, config)
+    blend = config.blend
+    for i, frame in enumerate(open_frames(short_clip)):
+        assert avatar.has_face[i]
+        np.testing.assert_array_equal(avatar.frame(i), frame)
+        material = prepare_blend_material(frame, avatar.face_box(i), pipe.parser, blend.parsing_mode,
+                                          blend.left_cheek_width, blend.right_cheek_width,
+                                          upper_boundary_ratio=blend.upper_boundary_ratio, expand=blend.expand,
+                                          blur_factor=blend.blur_factor)
+        np.testing.assert_array_equal(avatar.mask(i), material.mask)
+        assert tuple(avatar.mask_boxes[i]) == material.crop_box
+    crops = np.stack([crop_face(f, avatar.face_box(i)) for i, f in enumerate(open_frames(short_clip))])
+    np.testing.assert_allclose(avatar.latents, pipe.vae.unet_input(crops).numpy(), atol=1e-5, rtol=0)
+
+
+def test_prepare_reader_thread_errors_surface_and_leave_nothing(pipe: MuseTalkPipeline, short_clip: Path,
+                                                                tmp_path: Path) -> None:
+    """Landmarks run in a reader thread: its failure is raised to the caller as is, no avatar folder and no
+    thread are left behind."""
+    import threading
+
+    class Failing:
+        def __init__(self, inner) -> None:
+            self.inner, self.calls, self.threads = inner, 0, set()
+
+        def detect(self, frame: np.ndarray):
+            self.calls += 1
+            self.threads.add(threading.current_thread().name)
+            if self.calls == 6:
+                raise RuntimeError("detector crashed")
+            return self.inner.detect(frame)
+
+    config = pipe.default_config(batch_size=2)
+    failing = Failing(pipe.landmarker(config.crop.landmarks))
+    broken = MuseTalkPipeline(pipe.audio_encoder, pipe.vae, pipe.unet, pipe.parser,
+                              landmarker_factory=lambda _name: failing)
+    before = set(threading.enumerate())
+    with pytest.raises(RuntimeError, match="detector crashed"):
+        broken.prepare_avatar(short_clip, config, name="broken")
+    assert failing.threads == {"musetalk-avatar-reader"}
+    assert list((tmp_path / "cache" / "avatars").iterdir()) == []  # neither the avatar nor its temporary folder
+    assert [t.name for t in set(threading.enumerate()) - before if t.name.startswith("musetalk-avatar")] == []

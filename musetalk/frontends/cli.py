@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from musetalk.config import GenerationConfig
+    from musetalk.hooks import RunHooks
     from musetalk.stream.pipeline import MuseTalkPipeline
 
 REPO_SAMPLES = Path(__file__).resolve().parents[2] / "samples"
@@ -37,12 +38,13 @@ def _config(args: argparse.Namespace) -> GenerationConfig:
     return preset(settings.pop("version", "v15"), **settings)
 
 
-def _pipeline(args: argparse.Namespace, config: GenerationConfig | None = None) -> MuseTalkPipeline:
+def _pipeline(args: argparse.Namespace, config: GenerationConfig | None = None,
+              hooks: RunHooks | None = None) -> MuseTalkPipeline:
     from musetalk.stream.pipeline import MuseTalkPipeline
 
     config = config or _config(args)
     return MuseTalkPipeline.from_pretrained(args.models, version=config.version, device=config.runtime.device,
-                                            dtype=config.runtime.dtype, backend=config.runtime.backend)
+                                            dtype=config.runtime.dtype, backend=config.runtime.backend, hooks=hooks)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -50,15 +52,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     config = _config(args)
     MuseTalkPipeline.check_inputs(args.source, args.audio, args.output)  # before the (slow) model loading
-    pipe = _pipeline(args, config)
     profiler = None
     if args.profile:
+        from musetalk.devices import resolve_device
         from musetalk.profiling import Profiler
 
-        profiler = Profiler(device=pipe.device)
+        profiler = Profiler(device=resolve_device(config.runtime.device))  # started before loading: "load" is a stage
     with (profiler if profiler is not None else _null()):
+        pipe = _pipeline(args, config, hooks=profiler)
         result = pipe.generate(args.source, args.audio, args.output, config, avatar=args.avatar,
-                               progress=not args.quiet, profiler=profiler)
+                               progress=not args.quiet, hooks=profiler)
     if profiler is not None:
         report = profiler.report(meta={"command": "generate", "version": config.version, "dtype": str(pipe.dtype),
                                         "batch_size": config.runtime.batch_size, "source": str(args.source)})

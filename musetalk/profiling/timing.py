@@ -29,8 +29,9 @@ from musetalk.devices import synchronize
 from musetalk.profiling.memory import CappedSeries, as_device
 from musetalk.stream.latency import LatencyMeter  # noqa: F401  (re-exported: the Profiler uses it)
 
-# The pipeline's stage names, in pipeline order (prepare: landmarks..vae_encode; stream: audio..encode).
-PIPELINE_STAGES = ("landmarks", "crop", "parsing", "vae_encode", "vad", "audio", "unet", "vae_decode", "blend",
+# The pipeline's stage names, in pipeline order (from_pretrained: load, once per model; prepare: landmarks..vae_encode;
+# stream: vad..encode).
+PIPELINE_STAGES = ("load", "landmarks", "crop", "parsing", "vae_encode", "vad", "audio", "unet", "vae_decode", "blend",
                    "silence", "encode")
 # numpy / PyAV work only (the VAD runs on the CPU): no device sync (see the module docstring)
 HOST_STAGES = frozenset({"crop", "vad", "blend", "silence", "encode"})

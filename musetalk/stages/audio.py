@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from musetalk.errors import InputError, WeightsError
-from musetalk.weights import DOWNLOAD_HINT, find_weights_file, load_into, load_state_dict
+from musetalk.weights import DOWNLOAD_HINT, find_weights_file, load_model
 
 SAMPLE_RATE = 16_000
 SEGMENT_SECONDS = 30
@@ -177,11 +177,9 @@ class AudioEncoder:
         weights_path = _whisper_weights(whisper_dir)
         config = WhisperConfig.from_pretrained(whisper_dir)
         extractor = WhisperFeatureExtractor.from_pretrained(whisper_dir)
-        state = load_state_dict(weights_path, fix=DOWNLOAD_HINT.format(models=whisper_dir.parent))
-        encoder_state = _encoder_keys(state)
-        encoder = WhisperEncoder(config)
-        load_into(encoder, encoder_state, source=weights_path)
-        encoder.eval().requires_grad_(False).to(device=device, dtype=dtype)
+        # only the encoder is built; the decoder's tensors in the file are mapped, never read
+        encoder = load_model(lambda: WhisperEncoder(config), weights_path, device=device, dtype=dtype,
+                             convert=_encoder_keys, fix=DOWNLOAD_HINT.format(models=whisper_dir.parent))
         return cls(extractor, encoder, torch.device(device), dtype)
 
     def mel_segments(self, wav: np.ndarray) -> list[np.ndarray]:

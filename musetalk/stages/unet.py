@@ -16,7 +16,7 @@ import torch
 
 from musetalk.stages.audio import add_positional_encoding
 from musetalk.errors import WeightsError
-from musetalk.weights import DOWNLOAD_HINT, load_into, load_state_dict
+from musetalk.weights import DOWNLOAD_HINT, load_model
 
 
 class UNet:
@@ -40,10 +40,9 @@ class UNet:
             config = json.loads(config_path.read_text())
         except json.JSONDecodeError as exc:
             raise WeightsError(f"UNet config {config_path} is not valid JSON ({exc})", fix) from None
-        model = UNet2DConditionModel.from_config(config)
-        load_into(model, load_state_dict(weights_path, fix=fix), source=weights_path)
-        # plain Module.to: diffusers' override warns about keep-in-fp32 modules these models don't have
-        torch.nn.Module.to(model.eval().requires_grad_(False), device=device, dtype=dtype)
+        # built empty, then filled from the (memory-mapped) file in the run dtype: one copy of the weights at most
+        model = load_model(lambda: UNet2DConditionModel.from_config(config), weights_path, device=device, dtype=dtype,
+                           fix=fix)
         return cls(model, torch.device(device), dtype)
 
     @torch.inference_mode()

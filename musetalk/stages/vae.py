@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from musetalk.errors import WeightsError
-from musetalk.weights import DOWNLOAD_HINT, file_fingerprint, find_weights_file, load_into, load_state_dict
+from musetalk.weights import DOWNLOAD_HINT, file_fingerprint, find_weights_file, load_model
 
 CROP_SIZE = 256
 LATENT_SIZE = CROP_SIZE // 8
@@ -35,7 +35,10 @@ def crops_to_tensor(crops_bgr: np.ndarray, mask_lower_half: bool) -> torch.Tenso
 
 
 def _convert_legacy_attention(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename the pre-0.14 diffusers attention keys (query/key/value/proj_attn) that sd-vae-ft-mse's .bin uses."""
+    """Rename the pre-0.14 diffusers attention keys (query/key/value/proj_attn) that sd-vae-ft-mse's .bin uses.
+
+    Values stay views of the file's tensors (a 1x1 conv weight is sliced, not copied).
+    """
     renames = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
     out = {}
     for key, value in state.items():
@@ -70,11 +73,9 @@ class VAE:
         if not (vae_dir / "config.json").is_file():
             raise WeightsError(f"{vae_dir / 'config.json'} is missing", fix)
         config = json.loads((vae_dir / "config.json").read_text())
-        model = AutoencoderKL.from_config(config)
         weights = find_weights_file(vae_dir, "diffusion_pytorch_model")
-        load_into(model, _convert_legacy_attention(load_state_dict(weights, fix=fix)), source=weights)
-        # plain Module.to: diffusers' override warns about keep-in-fp32 modules these models don't have
-        torch.nn.Module.to(model.eval().requires_grad_(False), device=device, dtype=dtype)
+        model = load_model(lambda: AutoencoderKL.from_config(config), weights, device=device, dtype=dtype,
+                           convert=_convert_legacy_attention, fix=fix)
         return cls(model, torch.device(device), dtype, fingerprint=file_fingerprint(weights))
 
     @torch.inference_mode()

@@ -18,10 +18,12 @@ import shutil
 import tempfile
 import threading
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Generator
+from typing import TYPE_CHECKING, Any, Callable, Generator, Iterable, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -76,6 +78,71 @@ def _put_unless_stopped(out: queue.Queue, item: object, stop: threading.Event) -
             continue
 
 
+class _SourceFrame(NamedTuple):
+    """One source frame after the CPU part of preparation (crops None: no face)."""
+
+    frame: np.ndarray  # (H, W, 3) uint8 BGR
+    landmarks: np.ndarray | None  # (68, 2) int32
+    face_box: tuple[int, int, int, int] | None  # with the extra margin
+    crop: np.ndarray | None  # (256, 256, 3) uint8 BGR, the VAE's input
+    parser_crop: np.ndarray | None  # (2s, 2s, 3) uint8 RGB, the expanded crop the parser sees
+
+
+def _in_background(items: Iterable[Any], maxsize: int, name: str) -> Generator[Any, None, None]:
+    """Run the iterator ``items`` in a thread, ``maxsize`` items ahead; its errors are raised here, in order.
+
+    Closing the generator stops the thread (at its next item).
+    """
+    out: queue.Queue = queue.Queue(maxsize=maxsize)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                _put_unless_stopped(out, item, stop)
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            _put_unless_stopped(out, exc, stop)
+            return
+        _put_unless_stopped(out, _SENTINEL, stop)
+
+    worker = threading.Thread(target=produce, name=name, daemon=True)
+    worker.start()
+    try:
+        while True:
+            item = out.get()
+            if item is _SENTINEL:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        worker.join(timeout=30)
+
+
+def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    chunk: list[Any] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _write_chunk(writer: AvatarWriter, chunk: list[_SourceFrame], materials: list[Any], latents: np.ndarray) -> None:
+    """Frames, masks and latents of one chunk into the avatar folder (the writer thread's job, in order)."""
+    for item, material in zip(chunk, materials):
+        if material is None:
+            writer.add_frame(item.frame, None, None, None, None)
+        else:
+            writer.add_frame(item.frame, item.landmarks, item.face_box, material.mask, material.crop_box)
+    writer.add_latents(latents)
+
+
 @dataclass(frozen=True)
 class GenerationResult:
     """What ``generate`` made."""
@@ -108,11 +175,14 @@ class MuseTalkPipeline:
     @classmethod
     def from_pretrained(cls, models_dir: str | os.PathLike | None = None, version: str = "v15",
                         device: str = "auto", dtype: str | torch.dtype = "auto",
-                        backend: str = "auto") -> "MuseTalkPipeline":
+                        backend: str = "auto", hooks: RunHooks | None = None,
+                        profiler: RunHooks | None = None) -> "MuseTalkPipeline":
         """Load every model from an official ``models/`` folder; device/dtype/backend resolved here, once.
 
         ``backend``: torch | mlx | auto (MLX on Apple Silicon when installed): which implementation runs the UNet
         and the VAE; the audio encoder and the face parser are torch models on ``device`` either way.
+        Each model is built empty and filled from its memory-mapped file in the run dtype (see
+        ``musetalk.weights.loading``); with ``hooks`` (or ``profiler``), each load is timed as the stage "load".
         """
         from musetalk.stages.audio import AudioEncoder
         from musetalk.stages.mlx import resolve_backend
@@ -136,12 +206,17 @@ class MuseTalkPipeline:
         dt = resolve_dtype(dtype, dev)
         log.info("loading MuseTalk %s from %s on %s (%s), UNet + VAE on %s", version, models, dev, dt,
                  getattr(UNet, "backend", "torch"))
+        stage = combine(hooks, profiler).stage
         # Whisper and the face parser run once per segment / source frame: keep them in fp32 for exactness
-        return cls(AudioEncoder.from_pretrained(models / parts.whisper_dir, device=dev),
-                   VAE.from_pretrained(models / parts.vae_dir, device=dev, dtype=dt),
-                   UNet.from_pretrained(models / parts.unet_config, unet_file, device=dev, dtype=dt),
-                   FaceParser.from_pretrained(models / parts.face_parse, device=dev),
-                   version=version, models_dir=models)
+        with stage("load"):
+            audio_encoder = AudioEncoder.from_pretrained(models / parts.whisper_dir, device=dev)
+        with stage("load"):
+            vae = VAE.from_pretrained(models / parts.vae_dir, device=dev, dtype=dt)
+        with stage("load"):
+            unet = UNet.from_pretrained(models / parts.unet_config, unet_file, device=dev, dtype=dt)
+        with stage("load"):
+            parser = FaceParser.from_pretrained(models / parts.face_parse, device=dev)
+        return cls(audio_encoder, vae, unet, parser, version=version, models_dir=models)
 
     # -- helpers -------------------------------------------------------------------------------------------
     def landmarker(self, name: str) -> LandmarkBackend:
@@ -186,8 +261,7 @@ class MuseTalkPipeline:
         Raises NoFaceError when no frame has a face, :class:`~musetalk.errors.Cancelled` when ``hooks`` cancel.
         ``hooks`` (or its older name ``profiler``) are the run's :mod:`musetalk.hooks`.
         """
-        from musetalk.stages.blending import prepare_blend_material
-        from musetalk.stages.faces.crop import apply_extra_margin, crop_box, crop_face
+        from musetalk.stages.parsing import check_mode
         from musetalk.stream.video import open_frames
 
         config = (config or self.default_config()).validate()
@@ -207,63 +281,46 @@ class MuseTalkPipeline:
         bars = ProgressBars() if progress else None
         run = combine(hooks, profiler, bars)
         stage = run.stage
+        check_mode(config.blend.parsing_mode)  # before any work
         landmarker = self.landmarker(config.crop.landmarks)
         writer = AvatarWriter(path)
         smoother = _box_smoother(config, fps)  # None: boxes follow each frame's landmarks (the reference)
         batch = max(1, config.runtime.batch_size)
-        pending: list[np.ndarray | None] = []  # crops awaiting the VAE (None: no face)
-
-        def flush() -> None:
-            crops = [c for c in pending if c is not None]
-            latents = np.zeros((len(pending), 8, 32, 32), np.float32)
-            if crops:
-                with stage("vae_encode"):
-                    encoded = self.vae.unet_input(np.stack(crops)).numpy()
-                latents[[i for i, c in enumerate(pending) if c is not None]] = encoded
-            writer.add_latents(latents)
-            pending.clear()
-
-        faces = 0
-        size = (0, 0)  # (width, height) of the source frames
+        counts = {"faces": 0, "frames": 0}
+        size = [0, 0]  # (width, height) of the source frames
         total = frames.num_frames or None
+        # 1. decode + landmarks + crops in a thread, 2. parser + VAE here, in batches, 3. disk writes in a thread:
+        # the CPU work overlaps the model work as in `stream` (bounded queues: memory stays flat in the length)
+        disk = ThreadPoolExecutor(max_workers=1, thread_name_prefix="musetalk-avatar-writer")
+        pending: deque[Future] = deque()
         try:
             run.progress("prepare", 0, total)
-            for done, frame in enumerate(frames, start=1):
-                check_cancelled(run)
-                size = frame.shape[1], frame.shape[0]
-                with stage("landmarks"):
-                    result = landmarker.detect(frame)
-                box = crop_box(result.landmarks, config.crop.bbox_shift, result.detector_box) \
-                    if result.has_face else None
-                if smoother is not None:
-                    box = smoother(box)
-                if box is not None:
-                    face_box = apply_extra_margin(box, config.crop.extra_margin, frame.shape[0])
-                    with stage("crop"):
-                        crop = crop_face(frame, face_box)
-                    with stage("parsing"):
-                        material = prepare_blend_material(
-                            frame, face_box, self.parser, config.blend.parsing_mode, config.blend.left_cheek_width,
-                            config.blend.right_cheek_width, upper_boundary_ratio=config.blend.upper_boundary_ratio,
-                            expand=config.blend.expand, blur_factor=config.blend.blur_factor)
-                    writer.add_frame(frame, result.landmarks, face_box, material.mask, material.crop_box)
-                    pending.append(crop)
-                    faces += 1
-                else:
-                    writer.add_frame(frame, None, None, None, None)
-                    pending.append(None)
-                if len(pending) >= batch:
-                    flush()
-                run.progress("prepare", done, total)
-            if pending:
-                flush()
-            if faces == 0:
+            items = _in_background(self._source_items(frames, landmarker, config, stage, smoother, run),
+                                   maxsize=2 * batch, name="musetalk-avatar-reader")
+            try:
+                for chunk in _chunks(items, batch):
+                    check_cancelled(run)
+                    size[:] = chunk[0].frame.shape[1], chunk[0].frame.shape[0]
+                    masks, latents = self._prepare_models(chunk, config, stage)
+                    counts["frames"] += len(chunk)
+                    counts["faces"] += sum(item.face_box is not None for item in chunk)
+                    pending.append(disk.submit(_write_chunk, writer, chunk, masks, latents))
+                    while len(pending) > 2:  # at most two chunks of frames waiting for the disk
+                        pending.popleft().result()
+                    run.progress("prepare", counts["frames"], total)
+            finally:
+                items.close()
+            while pending:
+                pending.popleft().result()
+            disk.shutdown(wait=True)
+            if counts["faces"] == 0:
                 raise NoFaceError(f"no face found in any frame of {source}",
                                   "use a source where one face is clearly visible (frontal, not too small)")
             meta = AvatarMeta(key=key, source=str(source), num_frames=len(writer.has_face), fps=fps, width=size[0],
-                              height=size[1], faces=faces, settings=settings, created=time.time())
+                              height=size[1], faces=counts["faces"], settings=settings, created=time.time())
             return writer.commit(meta, owned_dir=path.parent if name is None else None)
         except BaseException:
+            disk.shutdown(wait=True, cancel_futures=True)  # nothing writes into the folder once it is removed
             writer.abort()
             if name is None:
                 shutil.rmtree(path.parent, ignore_errors=True)
@@ -271,6 +328,54 @@ class MuseTalkPipeline:
         finally:
             if bars is not None:
                 bars.close()
+
+    @staticmethod
+    def _source_items(frames: Iterable[np.ndarray], landmarker: LandmarkBackend, config: GenerationConfig,
+                      stage: Callable[[str], Any], smoother: Callable[[Any], Any] | None,
+                      run: RunHooks) -> Iterator[_SourceFrame]:
+        """Per source frame, the CPU part of preparation: landmarks, crop box (smoothed over time when asked),
+        VAE crop and parser crop."""
+        from musetalk.stages.blending import parser_input
+        from musetalk.stages.faces.crop import apply_extra_margin, crop_box, crop_face
+
+        for frame in frames:
+            check_cancelled(run)
+            with stage("landmarks"):
+                result = landmarker.detect(frame)
+            box = crop_box(result.landmarks, config.crop.bbox_shift, result.detector_box) if result.has_face else None
+            if smoother is not None:
+                box = smoother(box)
+            if box is None:
+                yield _SourceFrame(frame, None, None, None, None)
+                continue
+            face_box = apply_extra_margin(box, config.crop.extra_margin, frame.shape[0])
+            with stage("crop"):
+                crop = crop_face(frame, face_box)
+                parser_crop = parser_input(frame, face_box, config.blend.expand)
+            yield _SourceFrame(frame, result.landmarks, face_box, crop, parser_crop)
+
+    def _prepare_models(self, chunk: list[_SourceFrame], config: GenerationConfig, stage
+                        ) -> tuple[list[Any], np.ndarray]:
+        """Parser + VAE encoder on the faces of ``chunk``: paste-back materials (None: no face) and (k, 8, 32, 32)."""
+        from musetalk.stages.blending import material_from_parsing
+
+        faced = [k for k, item in enumerate(chunk) if item.face_box is not None]
+        materials: list[Any] = [None] * len(chunk)
+        latents = np.zeros((len(chunk), 8, 32, 32), np.float32)
+        if not faced:
+            return materials, latents
+        blend = config.blend
+        with stage("parsing"):
+            crops = [chunk[k].parser_crop for k in faced]
+            parse_batch = getattr(self.parser, "parse_batch", None)
+            maps = parse_batch(crops) if parse_batch is not None else [self.parser.parse(c) for c in crops]
+            for k, parsing in zip(faced, maps):
+                materials[k] = material_from_parsing(
+                    parsing, chunk[k].face_box, blend.parsing_mode, blend.left_cheek_width, blend.right_cheek_width,
+                    upper_boundary_ratio=blend.upper_boundary_ratio, expand=blend.expand, blur_factor=blend.blur_factor)
+        with stage("vae_encode"):
+            latents[faced] = self.vae.unet_input(np.stack([chunk[k].crop for k in faced])).numpy()
+        return materials, latents
 
     # -- 2. stream -----------------------------------------------------------------------------------------
     def _predict_batches(self, avatar: Avatar, wav: np.ndarray, batch_size: int, stop: threading.Event,

@@ -11,59 +11,34 @@ import importlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 from musetalk.errors import WeightsError
 from musetalk.weights.registry import VERSIONS, WEIGHTS, WeightFile, version_files, weight_file
 
 if TYPE_CHECKING:
-    import torch
-
+    from musetalk.weights.loading import check_keys, empty_init, inference_ready, load_into, load_model
     from musetalk.weights.reader import OpaqueObject, converted_path, load_state_dict, read_checkpoint, sniff_format
 
-# the reader (torch, numpy) is imported on first use, so that the registry and layouts stay cheap to import
-_FROM_READER = ("OpaqueObject", "converted_path", "load_state_dict", "read_checkpoint", "sniff_format")
+# the reader and the loader (torch, numpy) are imported on first use, so the registry and layouts stay cheap
+_LAZY = {**dict.fromkeys(("OpaqueObject", "converted_path", "load_state_dict", "read_checkpoint", "sniff_format"),
+                         "musetalk.weights.reader"),
+         **dict.fromkeys(("check_keys", "empty_init", "inference_ready", "load_into", "load_model"),
+                         "musetalk.weights.loading")}
 
 
 def __getattr__(name: str) -> Any:
-    if name in _FROM_READER:
-        return getattr(importlib.import_module("musetalk.weights.reader"), name)
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["DOWNLOAD_HINT", "LAYOUTS", "ModelLayout", "OpaqueObject", "WEIGHTS", "WeightFile", "converted_path",
-           "default_models_dir", "file_fingerprint", "find_weights_file", "layout", "load_into", "load_state_dict",
-           "read_checkpoint", "sniff_format", "weight_file"]
+__all__ = ["DOWNLOAD_HINT", "LAYOUTS", "ModelLayout", "OpaqueObject", "WEIGHTS", "WeightFile", "check_keys",
+           "converted_path", "default_models_dir", "empty_init", "file_fingerprint", "find_weights_file",
+           "inference_ready", "layout", "load_into", "load_model", "load_state_dict", "read_checkpoint",
+           "sniff_format", "weight_file"]
 
 DOWNLOAD_HINT = "run `musetalk download --dir {models}` (or `musetalk tiny-weights --dir {models}` for random test weights)"
-
-
-def load_into(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], *, source: str | os.PathLike,
-              fix: str | None = None) -> torch.nn.Module:
-    """Strictly load ``state_dict`` into ``module``; mismatches raise :class:`WeightsError` with the key lists.
-
-    Values are cast to each parameter's dtype (some checkpoints store float16 values for float32 modules).
-    """
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(own))
-    wrong_shape = [f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
-                   for k in own if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or wrong_shape:
-        def head(items: list[str]) -> str:
-            return ", ".join(items[:5]) + (f" … (+{len(items) - 5})" if len(items) > 5 else "")
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys: {head(missing)}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys: {head(unexpected)}")
-        if wrong_shape:
-            parts.append(f"{len(wrong_shape)} shape mismatches: {head(wrong_shape)}")
-        raise WeightsError(f"{source} does not match {type(module).__name__}: " + "; ".join(parts),
-                           fix or "check that the file and its config belong together (right version?)")
-    cast = {k: v.to(own[k].dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
-    module.load_state_dict(cast, strict=True)
-    return module
 
 
 def _folder(key: str) -> str:
