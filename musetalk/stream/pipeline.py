@@ -23,7 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Generator, Iterable, Iterator, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Generator, Iterable, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -42,12 +42,20 @@ from musetalk.weights import DOWNLOAD_HINT, default_models_dir, layout
 if TYPE_CHECKING:
     from musetalk.stream.live import LiveConfig, LiveSession
     from musetalk.stages.audio import AudioEncoder
+    from musetalk.stages.faces.smoothing import BoxSmoother
     from musetalk.stages.faces.types import LandmarkBackend
+    from musetalk.stages.mlx.unet import MLXUNet
+    from musetalk.stages.mlx.vae import MLXVAE
     from musetalk.stages.parsing import FaceParser
+    from musetalk.stages.silence import SilencePlan, SileroVAD
     from musetalk.stages.unet import UNet
     from musetalk.stages.vae import VAE
 
 log = logging.getLogger(__name__)
+
+Stage = Callable[[str], ContextManager[object]]  # a run's stage timer: ``with stage("unet"): ...``
+# (source frame per output frame, rows with a face, (len(rows), 256, 256, 3) uint8 BGR faces or None)
+PredictedBatch = tuple[list[int], list[int], np.ndarray | None]
 _SENTINEL = object()
 
 
@@ -59,7 +67,7 @@ def pingpong(index: int, num_source_frames: int) -> int:
     return j if j < num_source_frames else 2 * num_source_frames - 1 - j
 
 
-def _box_smoother(config: GenerationConfig, fps: float):
+def _box_smoother(config: GenerationConfig, fps: float) -> BoxSmoother | None:
     """The crop-box smoother of a preparation (musetalk/stages/faces/smoothing.py), or None when it is off."""
     if config.crop.smoothing == "off":
         return None
@@ -133,6 +141,12 @@ def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
         yield chunk
 
 
+def _face_parts(item: _SourceFrame) -> tuple[tuple[int, int, int, int], np.ndarray, np.ndarray]:
+    """(face box, VAE crop, parser crop) of a source frame with a face."""
+    assert item.face_box is not None and item.crop is not None and item.parser_crop is not None
+    return item.face_box, item.crop, item.parser_crop
+
+
 def _write_chunk(writer: AvatarWriter, chunk: list[_SourceFrame], materials: list[Any], latents: np.ndarray) -> None:
     """Frames, masks and latents of one chunk into the avatar folder (the writer thread's job, in order)."""
     for item, material in zip(chunk, materials):
@@ -157,7 +171,7 @@ class GenerationResult:
 class MuseTalkPipeline:
     """Audio encoder + VAE + UNet + face parser, loaded once; landmark backends built on first use."""
 
-    def __init__(self, audio_encoder: AudioEncoder, vae: VAE, unet: UNet, parser: FaceParser, *,
+    def __init__(self, audio_encoder: AudioEncoder, vae: VAE | MLXVAE, unet: UNet | MLXUNet, parser: FaceParser, *,
                  version: str = "v15", models_dir: Path | None = None,
                  landmarker_factory: Callable[[str], LandmarkBackend] | None = None) -> None:
         self.audio_encoder = audio_encoder
@@ -170,7 +184,7 @@ class MuseTalkPipeline:
         self.dtype = unet.dtype
         self._landmarker_factory = landmarker_factory
         self._landmarkers: dict[str, LandmarkBackend] = {}
-        self._vad = None  # voice-activity detector (silence handling), built on first use
+        self._vad: SileroVAD | None = None  # voice-activity detector (silence handling), built on first use
 
     @classmethod
     def from_pretrained(cls, models_dir: str | os.PathLike | None = None, version: str = "v15",
@@ -188,12 +202,14 @@ class MuseTalkPipeline:
         from musetalk.stages.mlx import resolve_backend
         from musetalk.stages.parsing import FaceParser
 
+        vae_class: type[VAE | MLXVAE]
+        unet_class: type[UNet | MLXUNet]
         if resolve_backend(backend) == "mlx":
-            from musetalk.stages.mlx.unet import MLXUNet as UNet
-            from musetalk.stages.mlx.vae import MLXVAE as VAE
+            from musetalk.stages.mlx.unet import MLXUNet as unet_class
+            from musetalk.stages.mlx.vae import MLXVAE as vae_class
         else:
-            from musetalk.stages.unet import UNet  # type: ignore[assignment]
-            from musetalk.stages.vae import VAE  # type: ignore[assignment]
+            from musetalk.stages.unet import UNet as unet_class
+            from musetalk.stages.vae import VAE as vae_class
 
         models = Path(models_dir) if models_dir is not None else default_models_dir()
         parts = layout(version)
@@ -205,15 +221,15 @@ class MuseTalkPipeline:
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         log.info("loading MuseTalk %s from %s on %s (%s), UNet + VAE on %s", version, models, dev, dt,
-                 getattr(UNet, "backend", "torch"))
+                 getattr(unet_class, "backend", "torch"))
         stage = combine(hooks, profiler).stage
         # Whisper and the face parser run once per segment / source frame: keep them in fp32 for exactness
         with stage("load"):
             audio_encoder = AudioEncoder.from_pretrained(models / parts.whisper_dir, device=dev)
         with stage("load"):
-            vae = VAE.from_pretrained(models / parts.vae_dir, device=dev, dtype=dt)
+            vae = vae_class.from_pretrained(models / parts.vae_dir, device=dev, dtype=dt)
         with stage("load"):
-            unet = UNet.from_pretrained(models / parts.unet_config, unet_file, device=dev, dtype=dt)
+            unet = unet_class.from_pretrained(models / parts.unet_config, unet_file, device=dev, dtype=dt)
         with stage("load"):
             parser = FaceParser.from_pretrained(models / parts.face_parse, device=dev)
         return cls(audio_encoder, vae, unet, parser, version=version, models_dir=models)
@@ -231,7 +247,7 @@ class MuseTalkPipeline:
                 self._landmarkers[name] = get_landmark_backend(name, device=str(self.device), **kwargs)
         return self._landmarkers[name]
 
-    def vad(self):
+    def vad(self) -> SileroVAD:
         """The voice-activity detector of the silence handling (CPU, shipped with silero-vad), built once."""
         if self._vad is None:
             from musetalk.stages.silence import SileroVAD
@@ -342,7 +358,8 @@ class MuseTalkPipeline:
             check_cancelled(run)
             with stage("landmarks"):
                 result = landmarker.detect(frame)
-            box = crop_box(result.landmarks, config.crop.bbox_shift, result.detector_box) if result.has_face else None
+            box = (crop_box(result.landmarks, config.crop.bbox_shift, result.detector_box)
+                   if result.landmarks is not None else None)
             if smoother is not None:
                 box = smoother(box)
             if box is None:
@@ -354,7 +371,7 @@ class MuseTalkPipeline:
                 parser_crop = parser_input(frame, face_box, config.blend.expand)
             yield _SourceFrame(frame, result.landmarks, face_box, crop, parser_crop)
 
-    def _prepare_models(self, chunk: list[_SourceFrame], config: GenerationConfig, stage
+    def _prepare_models(self, chunk: list[_SourceFrame], config: GenerationConfig, stage: Stage
                         ) -> tuple[list[Any], np.ndarray]:
         """Parser + VAE encoder on the faces of ``chunk``: paste-back materials (None: no face) and (k, 8, 32, 32)."""
         from musetalk.stages.blending import material_from_parsing
@@ -365,21 +382,22 @@ class MuseTalkPipeline:
         if not faced:
             return materials, latents
         blend = config.blend
+        parts = [_face_parts(chunk[k]) for k in faced]
         with stage("parsing"):
-            crops = [chunk[k].parser_crop for k in faced]
+            crops = [parser_crop for _, _, parser_crop in parts]
             parse_batch = getattr(self.parser, "parse_batch", None)
             maps = parse_batch(crops) if parse_batch is not None else [self.parser.parse(c) for c in crops]
-            for k, parsing in zip(faced, maps):
+            for k, (face_box, _, _), parsing in zip(faced, parts, maps):
                 materials[k] = material_from_parsing(
-                    parsing, chunk[k].face_box, blend.parsing_mode, blend.left_cheek_width, blend.right_cheek_width,
+                    parsing, face_box, blend.parsing_mode, blend.left_cheek_width, blend.right_cheek_width,
                     upper_boundary_ratio=blend.upper_boundary_ratio, expand=blend.expand, blur_factor=blend.blur_factor)
         with stage("vae_encode"):
-            latents[faced] = self.vae.unet_input(np.stack([chunk[k].crop for k in faced])).numpy()
+            latents[faced] = self.vae.unet_input(np.stack([crop for _, crop, _ in parts])).numpy()
         return materials, latents
 
     # -- 2. stream -----------------------------------------------------------------------------------------
     def _predict_batches(self, avatar: Avatar, wav: np.ndarray, batch_size: int, stop: threading.Event,
-                         out: queue.Queue, stage, plan=None) -> None:
+                         out: queue.Queue, stage: Stage, plan: SilencePlan | None = None) -> None:
         """Producer thread: UNet + VAE decode per batch of output frames -> (source indices, faces)."""
         try:
             fps = avatar.meta.fps
@@ -398,8 +416,8 @@ class MuseTalkPipeline:
             return
         _put_unless_stopped(out, _SENTINEL, stop)
 
-    def _predict_batch(self, avatar: Avatar, start: int, batch_windows: np.ndarray, stage,
-                       generated: np.ndarray | None = None) -> tuple[list[int], list[int], np.ndarray | None]:
+    def _predict_batch(self, avatar: Avatar, start: int, batch_windows: np.ndarray, stage: Stage,
+                       generated: np.ndarray | None = None) -> PredictedBatch:
         """UNet + VAE decode of output frames ``start..`` from their (B, 50, 384) audio windows.
 
         Returns (source index per frame, rows with a face, (len(rows), 256, 256, 3) uint8 BGR faces or None).
@@ -419,8 +437,8 @@ class MuseTalkPipeline:
         return sources, rows, faces
 
     @staticmethod
-    def _compose_frames(avatar: Avatar, batch: tuple, frame_of: Callable, mask_of: Callable, stage
-                        ) -> Generator[np.ndarray, None, None]:
+    def _compose_frames(avatar: Avatar, batch: PredictedBatch, frame_of: Callable[[int], np.ndarray],
+                        mask_of: Callable[[int], np.ndarray], stage: Stage) -> Generator[np.ndarray, None, None]:
         """Paste one predicted batch back into its source frames; yields (H, W, 3) uint8 BGR frames in order.
         Shared by ``stream`` and live sessions."""
         from musetalk.stages.blending import BlendMaterial, blend_with_material
@@ -433,7 +451,9 @@ class MuseTalkPipeline:
                 with stage("blend"):
                     x1, y1, x2, y2 = (int(v) for v in avatar.mask_boxes[s])
                     material = BlendMaterial(mask=mask_of(s), crop_box=(x1, y1, x2, y2))
-                    frame = blend_with_material(frame, faces[face_of_row[k]], avatar.face_box(s), material)
+                    face_box = avatar.face_box(s)
+                    assert faces is not None and face_box is not None  # rows are the predicted face frames
+                    frame = blend_with_material(frame, faces[face_of_row[k]], face_box, material)
             yield frame
 
     def stream(self, avatar: Avatar, audio: str | os.PathLike | np.ndarray, config: GenerationConfig | None = None,
@@ -471,7 +491,7 @@ class MuseTalkPipeline:
                 if isinstance(item, BaseException):
                     raise item
                 for k, frame in enumerate(self._compose_frames(avatar, item, frame_of, mask_of, stage)):
-                    if shown is not None and plan.weights[done] < 1:
+                    if shown is not None and shown.plan.weights[done] < 1:
                         with stage("silence"):
                             frame = shown.show(done, item[0][k], frame)
                     check_cancelled(run)
