@@ -118,9 +118,11 @@ def _mlx_check() -> Check:
     where = "Apple Silicon: --backend auto picks it" if is_apple_silicon() else "not Apple Silicon: auto keeps torch"
     if not mlx_available():
         return Check("MLX backend", False, f"not installed ({where})", INSTALL_HINT, required=False)
+    from importlib.metadata import version
+
     import mlx.core as mx
 
-    return Check("MLX backend", True, f"mlx {mx.__version__} on {mx.default_device()} ({where})", required=False)
+    return Check("MLX backend", True, f"mlx {version('mlx')} on {mx.default_device()} ({where})", required=False)
 
 
 def _blocking(entry: WeightFile) -> bool:

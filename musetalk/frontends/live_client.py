@@ -12,6 +12,7 @@ Uses the ``websockets`` package (server extra), imported when a session starts.
 from __future__ import annotations
 
 import bisect
+import itertools
 import json
 import struct
 import threading
@@ -293,8 +294,8 @@ def run_live(args: Any) -> int:
     else:
         # VideoWriter writes a hidden temporary file, renamed only when every frame is in (removed on error)
         with VideoWriter(output, fps=client.result.ready["fps"], audio=args.audio) as writer:
-            writer.write(first.image)
-            for frame in frames:  # the server sends every index in order, without gaps
+            for frame in itertools.chain([first], frames):  # the server sends every index in order, without gaps
+                assert frame.image is not None  # frames() decodes by default
                 writer.write(frame.image)
     print(format_stats(client.result, output))
     return 0

@@ -14,12 +14,15 @@ from __future__ import annotations
 import fractions
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
 from musetalk.errors import InputError
 from musetalk.stream.video import VideoInfo, probe
+
+if TYPE_CHECKING:
+    import av
 
 MJPEG_DEFAULT_BIT_RATE = 200_000  # AVCodecContext's default bit rate: what ffmpeg uses without -q:v / -b:v
 
@@ -41,7 +44,7 @@ def probe_video(path: str | os.PathLike) -> VideoInfo:
     return probe(path)
 
 
-def iter_video_frames(path: str | os.PathLike, fps: float | None = 25.0) -> Iterator["av.VideoFrame"]:  # noqa: F821
+def iter_video_frames(path: str | os.PathLike, fps: float | None = 25.0) -> Iterator[av.VideoFrame]:
     """Decoded frames of the first video stream, resampled to ``fps`` when the source rate differs.
 
     Resampling keeps, for output frame k, the last source frame that starts at or before (k + 0.5) / fps
@@ -56,6 +59,7 @@ def iter_video_frames(path: str | os.PathLike, fps: float | None = 25.0) -> Iter
         if not resample:
             yield from container.decode(stream)
             return
+        assert fps is not None  # resampling implies a target rate
         k = 0
         previous, previous_t = None, 0.0
         for frame in container.decode(stream):
@@ -118,10 +122,10 @@ class FfmpegJpegStep:
         self.fps = fps
         self.bit_rate = bit_rate
         self.exact = True
-        self._encoder = None
+        self._encoder: av.VideoCodecContext | None = None
         self._index = 0
 
-    def _open_encoder(self, width: int, height: int) -> None:
+    def _open_encoder(self, width: int, height: int) -> av.VideoCodecContext:
         import av
 
         enc = av.CodecContext.create("mjpeg", "w")
@@ -132,15 +136,15 @@ class FfmpegJpegStep:
         # More than one thread makes libavcodec code slices with restart markers and default Huffman tables:
         # other bit counts, so the rate control picks other quantisers (the reference runs ffmpeg -threads 1).
         enc.thread_count = 1
-        self._encoder = enc
+        return enc
 
-    def _full_range_yuv420(self, frame) -> "av.VideoFrame":  # noqa: F821
+    def _full_range_yuv420(self, frame: av.VideoFrame) -> av.VideoFrame:
         import av
 
         name = frame.format.name
         even = frame.width % 2 == 0 and frame.height % 2 == 0
         if name in ("yuv420p", "yuvj420p") and even:
-            planes = [np.frombuffer(p, np.uint8).reshape(p.height, p.line_size)[:, :p.width] for p in frame.planes]
+            planes = [np.frombuffer(memoryview(p), np.uint8).reshape(p.height, p.line_size)[:, :p.width] for p in frame.planes]
             if name == "yuv420p" and int(frame.color_range) != 2:  # unspecified or MPEG: limited range
                 planes = [_expand_range(p, chroma=i > 0) for i, p in enumerate(planes)]
             # from_ndarray's yuvj420p layout: Y rows, then U and V each folded into rows of full width
@@ -149,12 +153,12 @@ class FfmpegJpegStep:
         self.exact = False  # let swscale convert; close to, but not exactly, what the ffmpeg CLI would feed
         return frame.reformat(format="yuvj420p")
 
-    def __call__(self, frame) -> np.ndarray:
+    def __call__(self, frame: av.VideoFrame) -> np.ndarray:
         """One decoded ``av.VideoFrame`` -> (H, W, 3) uint8 BGR after the JPEG round trip."""
         import cv2
 
         if self._encoder is None:
-            self._open_encoder(frame.width, frame.height)
+            self._encoder = self._open_encoder(frame.width, frame.height)
         yuv = self._full_range_yuv420(frame)
         yuv.pts = self._index
         yuv.time_base = self._encoder.time_base
@@ -162,7 +166,10 @@ class FfmpegJpegStep:
         packets = self._encoder.encode(yuv)
         if len(packets) != 1:  # mjpeg is intra-only with no delay: one packet per frame
             raise RuntimeError(f"mjpeg encoder returned {len(packets)} packets for one frame")
-        return cv2.imdecode(np.frombuffer(bytes(packets[0]), np.uint8), cv2.IMREAD_COLOR)
+        image = cv2.imdecode(np.frombuffer(bytes(packets[0]), np.uint8), cv2.IMREAD_COLOR)
+        if image is None:
+            raise RuntimeError("OpenCV could not decode the mjpeg encoder's packet")
+        return image
 
     def bgr(self, image: np.ndarray) -> np.ndarray:
         """The round trip for a BGR image (e.g. a face crop): BGR -> limited-range yuv420p (swscale) -> JPEG -> BGR."""

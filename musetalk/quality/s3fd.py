@@ -176,7 +176,8 @@ class S3FD:
             names = caffe_style_names()
             state = {names.get(k.rsplit(".", 1)[0], k.rsplit(".", 1)[0]) + "." + k.rsplit(".", 1)[1]: v
                      for k, v in state.items()}
-        net = load_into(S3FDNet(), state, source=path, fix=SFD_FIX)
+        net = S3FDNet()
+        load_into(net, state, source=path, fix=SFD_FIX)  # in place
         if isinstance(device, str):
             from musetalk.devices import resolve_device
 

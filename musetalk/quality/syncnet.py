@@ -61,6 +61,7 @@ class SyncNet(nn.Module):
 
     def __init__(self, embed_dim: int = EMBED_DIM) -> None:
         super().__init__()
+        self.embed_dim = embed_dim  # D, the width of both streams' embeddings
         relu = lambda: nn.ReLU(inplace=True)  # noqa: E731 - keeps the layer lists readable
         self.netcnnaud = nn.Sequential(
             nn.Conv2d(1, 64, 3, 1, 1), nn.BatchNorm2d(64), relu(), nn.MaxPool2d(1, 1),
@@ -233,7 +234,7 @@ class SyncNetScorer:
         windows = audio_windows(mfcc(audio, SAMPLE_RATE), n)
         out = [self.net.forward_audio(torch.from_numpy(windows[s:s + self.batch_size]).to(self.device)).float().cpu()
                for s in range(0, n, self.batch_size)]
-        return torch.cat(out) if out else torch.zeros(0, self.net.netfcaud[-1].out_features)
+        return torch.cat(out) if out else torch.zeros(0, self.net.embed_dim)
 
     @torch.inference_mode()
     def iter_lip_embeddings(self, frames: Iterable[np.ndarray]) -> Iterator[torch.Tensor]:
@@ -258,7 +259,7 @@ class SyncNetScorer:
     def embed_lips(self, frames: Iterable[np.ndarray]) -> torch.Tensor:
         """(T - 4, D) lip embeddings of every window of a frame sequence (see :meth:`iter_lip_embeddings`)."""
         chunks = list(self.iter_lip_embeddings(frames))
-        return torch.cat(chunks) if chunks else torch.zeros(0, self.net.netfclip[-1].out_features)
+        return torch.cat(chunks) if chunks else torch.zeros(0, self.net.embed_dim)
 
     def score(self, frames: Iterable[np.ndarray], audio: np.ndarray, vshift: int = VSHIFT) -> SyncScore:
         """LSE-D / LSE-C / offset of 25 fps face crops against 16 kHz mono audio (int16 scale)."""

@@ -14,13 +14,16 @@ import os
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import torch
 
 from musetalk.errors import InputError, WeightsError
 from musetalk.weights import DOWNLOAD_HINT, find_weights_file, load_model
+
+if TYPE_CHECKING:
+    from transformers import WhisperFeatureExtractor
 
 SAMPLE_RATE = 16_000
 SEGMENT_SECONDS = 30
@@ -158,7 +161,7 @@ def add_positional_encoding(windows: torch.Tensor) -> torch.Tensor:
 class AudioEncoder:
     """Whisper feature extractor + encoder, built once from ``models/whisper`` (HF whisper-tiny layout)."""
 
-    def __init__(self, feature_extractor, encoder: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, feature_extractor: WhisperFeatureExtractor, encoder: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
         self.feature_extractor = feature_extractor
         self.encoder = encoder
         self.device = device

@@ -160,7 +160,7 @@ def blend_with_material(frame_bgr: np.ndarray, face_bgr: np.ndarray, face_box: S
     if material.mask.shape != (ye - ys, xe - xs):
         raise InputError(f"blend mask {material.mask.shape} does not fit crop box {material.crop_box}",
                          "make the material from the same face box (prepare_blend_material)")
-    face = np.asarray(face_bgr, dtype=np.uint8)
+    face: np.ndarray = np.asarray(face_bgr, dtype=np.uint8)
     if face.shape[:2] != (y2 - y1, x2 - x1):
         face = cv2.resize(face, (x2 - x1, y2 - y1))
     # the crop with the face pasted in (the reference's `face_large`)

@@ -14,12 +14,13 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from musetalk.weights.registry import TINY_MARKER, WEIGHTS
 
-TINY_UNET = {
+TINY_UNET: dict[str, Any] = {
     "_class_name": "UNet2DConditionModel", "act_fn": "silu", "attention_head_dim": 8,
     "block_out_channels": [32, 64], "center_input_sample": False, "cross_attention_dim": 384,
     "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"], "downsample_padding": 1, "flip_sin_to_cos": True,
@@ -27,28 +28,28 @@ TINY_UNET = {
     "norm_num_groups": 32, "out_channels": 4, "sample_size": 32, "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
 }
 # The real v1 / v1.5 musetalk.json (850 M parameters): used by the throughput benchmark, never saved.
-FULL_UNET = {
+FULL_UNET: dict[str, Any] = {
     **TINY_UNET, "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2, "sample_size": 64,
     "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
     "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
 }
-TINY_VAE = {
+TINY_VAE: dict[str, Any] = {
     "_class_name": "AutoencoderKL", "act_fn": "silu", "block_out_channels": [32, 32, 64, 64],
     "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
     "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 1, "norm_num_groups": 32,
     "sample_size": 256, "scaling_factor": 0.18215,
 }
 # stabilityai/sd-vae-ft-mse's config.json
-FULL_VAE = {**TINY_VAE, "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2}
-TINY_WHISPER = {
+FULL_VAE: dict[str, Any] = {**TINY_VAE, "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2}
+TINY_WHISPER: dict[str, Any] = {
     "model_type": "whisper", "d_model": 384, "encoder_layers": 4, "encoder_attention_heads": 6, "encoder_ffn_dim": 256,
     "decoder_layers": 1, "decoder_attention_heads": 6, "decoder_ffn_dim": 256, "num_mel_bins": 80, "vocab_size": 128,
     "max_source_positions": 1500, "max_target_positions": 64, "pad_token_id": 1, "bos_token_id": 2,
     "eos_token_id": 3, "decoder_start_token_id": 2,
 }
 # openai/whisper-tiny's encoder/decoder sizes (the real vocabulary is not needed for the encoder)
-FULL_WHISPER = {**TINY_WHISPER, "encoder_ffn_dim": 1536, "decoder_ffn_dim": 1536, "decoder_layers": 4}
-WHISPER_PREPROCESSOR = {
+FULL_WHISPER: dict[str, Any] = {**TINY_WHISPER, "encoder_ffn_dim": 1536, "decoder_ffn_dim": 1536, "decoder_layers": 4}
+WHISPER_PREPROCESSOR: dict[str, Any] = {
     "chunk_length": 30, "feature_extractor_type": "WhisperFeatureExtractor", "feature_size": 80, "hop_length": 160,
     "n_fft": 400, "n_samples": 480000, "nb_max_frames": 3000, "padding_side": "right", "padding_value": 0.0,
     "return_attention_mask": False, "sampling_rate": 16000,

@@ -13,12 +13,16 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from musetalk.errors import WeightsError
 from musetalk.weights import DOWNLOAD_HINT, file_fingerprint, find_weights_file, load_model
+
+if TYPE_CHECKING:  # the defining module: the package's lazy export is typed as a placeholder
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 
 CROP_SIZE = 256
 LATENT_SIZE = CROP_SIZE // 8
@@ -55,13 +59,13 @@ def _convert_legacy_attention(state: dict[str, torch.Tensor]) -> dict[str, torch
 class VAE:
     """AutoencoderKL built once from ``models/sd-vae``; encodes crops and decodes latents."""
 
-    def __init__(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype,
+    def __init__(self, model: AutoencoderKL, device: torch.device, dtype: torch.dtype,
                  fingerprint: str | None = None) -> None:
         self.model = model
         self.fingerprint = fingerprint  # identity of the weights file (None: built in memory)
         self.device = device
         self.dtype = dtype
-        self.scaling_factor = float(model.config.scaling_factor)
+        self.scaling_factor = float(model.config["scaling_factor"])
 
     @classmethod
     def from_pretrained(cls, vae_dir: str | os.PathLike, device: str | torch.device = "cpu",

@@ -27,7 +27,7 @@ import weakref
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -133,10 +133,20 @@ class Avatar:
 
     def mask(self, index: int) -> np.ndarray:
         """Paste-back mask of frame ``index`` (uint8, size of its expanded crop)."""
-        return cv2.imread(str(self.path / "masks" / f"{index:06d}.png"), cv2.IMREAD_GRAYSCALE)
+        mask = cv2.imread(str(self.path / "masks" / f"{index:06d}.png"), cv2.IMREAD_GRAYSCALE)
+        if mask is None:
+            raise InputError(f"avatar {self.path} is damaged (mask {index} unreadable)",
+                             "prepare it again: `musetalk avatar prepare --force ...`")
+        return mask
 
     def face_box(self, index: int) -> tuple[int, int, int, int] | None:
-        return tuple(int(v) for v in self.face_boxes[index]) if self.has_face[index] else None
+        return _box(self.face_boxes[index]) if self.has_face[index] else None
+
+
+def _box(values: Sequence[int] | np.ndarray) -> tuple[int, int, int, int]:
+    """(x1, y1, x2, y2) as Python ints."""
+    x1, y1, x2, y2 = (int(v) for v in values)
+    return x1, y1, x2, y2
 
 
 class AvatarWriter:
@@ -154,17 +164,20 @@ class AvatarWriter:
         self.mask_boxes: list[tuple[int, int, int, int]] = []
         self._latent_chunks: list[Path] = []
 
-    def add_frame(self, frame_bgr: np.ndarray, landmarks: np.ndarray | None, face_box, mask: np.ndarray | None,
-                  mask_box) -> int:
+    def add_frame(self, frame_bgr: np.ndarray, landmarks: np.ndarray | None, face_box: Sequence[int] | None,
+                  mask: np.ndarray | None, mask_box: Sequence[int] | None) -> int:
+        """Frame ``index`` (returned); a frame with a face comes with its paste-back mask and the mask's box."""
         index = len(self.has_face)
         self._write_png(self.tmp / "frames" / f"{index:06d}.png", frame_bgr)
-        has_face = face_box is not None
-        if has_face:
+        face, crop = (-1, -1, -1, -1), (-1, -1, -1, -1)  # no face: boxes stored as -1
+        if face_box is not None:
+            assert mask is not None and mask_box is not None, "a face frame needs its mask and mask box"
             self._write_png(self.tmp / "masks" / f"{index:06d}.png", mask)
-        self.has_face.append(has_face)
+            face, crop = _box(face_box), _box(mask_box)
+        self.has_face.append(face_box is not None)
         self.landmarks.append(np.zeros((68, 2), np.int32) if landmarks is None else np.asarray(landmarks, np.int32))
-        self.face_boxes.append(tuple(face_box) if has_face else (-1, -1, -1, -1))
-        self.mask_boxes.append(tuple(mask_box) if has_face else (-1, -1, -1, -1))
+        self.face_boxes.append(face)
+        self.mask_boxes.append(crop)
         return index
 
     def _write_png(self, path: Path, image: np.ndarray) -> None:

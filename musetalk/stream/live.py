@@ -32,7 +32,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Generator, Iterable, Iterator
 
 import numpy as np
 
@@ -282,7 +282,7 @@ class LiveSession:
     def __iter__(self) -> Iterator[LiveFrame]:
         return self.frames()
 
-    def frames(self) -> Iterator[LiveFrame]:
+    def frames(self) -> Generator[LiveFrame, None, None]:
         """Yield frames as they are made, in order, until the audio is closed and every frame is out.
 
         Ends quietly after ``abort``; raises the session's error (bad audio, a model failure) when there is one,

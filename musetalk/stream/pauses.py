@@ -8,7 +8,7 @@ looks like. ``MuseTalkPipeline.stream`` calls :func:`plan_for` once and :meth:`P
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Callable
+from typing import Callable, ContextManager
 
 import numpy as np
 
@@ -32,8 +32,10 @@ def reference_frame(avatar: Avatar, picked: int = -1) -> int:
 
 
 def plan_for(vad: Callable[[], silence.SileroVAD], avatar: Avatar, wav: np.ndarray, config: GenerationConfig,
-             stage) -> silence.SilencePlan | None:
-    """The silence plan of ``wav`` on ``avatar``, or None when silence handling is off (nothing changes)."""
+             stage: Callable[[str], ContextManager[object]]) -> silence.SilencePlan | None:
+    """The silence plan of ``wav`` on ``avatar``, or None when silence handling is off (nothing changes).
+
+    ``stage(name)`` times the VAD pass (the run's hooks)."""
     pauses = config.pauses
     if pauses.silence == "off":
         return None
@@ -55,7 +57,9 @@ class PauseFrames:
         self.mask_of = mask_of
         patch = None
         if plan.reference_frame is not None:
-            x1, y1, x2, y2 = avatar.face_box(plan.reference_frame)
+            box = avatar.face_box(plan.reference_frame)
+            assert box is not None, "the closed-mouth reference is a frame with a face"
+            x1, y1, x2, y2 = box
             patch = avatar.frame(plan.reference_frame)[y1:y2, x1:x2].copy()
         self._closed_patch = patch  # the closed mouth's face box, pasted into each frame's own box
         self._closed = lru_cache(maxsize=4)(self._closed_frame)
@@ -65,7 +69,10 @@ class PauseFrames:
 
         x1, y1, x2, y2 = (int(v) for v in self.avatar.mask_boxes[source])
         material = BlendMaterial(mask=self.mask_of(source), crop_box=(x1, y1, x2, y2))
-        return blend_with_material(self.frame_of(source), self._closed_patch, self.avatar.face_box(source), material)
+        face_box = self.avatar.face_box(source)
+        # show() asks for closed frames only when there is a reference patch, and only for frames with a face
+        assert self._closed_patch is not None and face_box is not None
+        return blend_with_material(self.frame_of(source), self._closed_patch, face_box, material)
 
     def show(self, index: int, source: int, frame: np.ndarray) -> np.ndarray:
         """Frame ``index`` of the output as planned: ``frame`` itself where generated only (weight 1)."""

@@ -23,7 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Generator, Iterable, Iterator, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Generator, Iterable, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -42,12 +42,20 @@ from musetalk.weights import DOWNLOAD_HINT, default_models_dir, layout
 if TYPE_CHECKING:
     from musetalk.stream.live import LiveConfig, LiveSession
     from musetalk.stages.audio import AudioEncoder
+    from musetalk.stages.faces.smoothing import BoxSmoother
     from musetalk.stages.faces.types import FaceLandmarks, LandmarkBackend
+    from musetalk.stages.mlx.unet import MLXUNet
+    from musetalk.stages.mlx.vae import MLXVAE
     from musetalk.stages.parsing import FaceParser
+    from musetalk.stages.silence import SilencePlan, SileroVAD
     from musetalk.stages.unet import UNet
     from musetalk.stages.vae import VAE
 
 log = logging.getLogger(__name__)
+
+Stage = Callable[[str], ContextManager[object]]  # a run's stage timer: ``with stage("unet"): ...``
+# (source frame per output frame, rows with a face, (len(rows), 256, 256, 3) uint8 BGR faces or None)
+PredictedBatch = tuple[list[int], list[int], np.ndarray | None]
 _SENTINEL = object()
 
 
@@ -59,7 +67,7 @@ def pingpong(index: int, num_source_frames: int) -> int:
     return j if j < num_source_frames else 2 * num_source_frames - 1 - j
 
 
-def _box_smoother(config: GenerationConfig, fps: float):
+def _box_smoother(config: GenerationConfig, fps: float) -> BoxSmoother | None:
     """The crop-box smoother of a preparation (musetalk/stages/faces/smoothing.py), or None when it is off."""
     if config.crop.smoothing == "off":
         return None
@@ -89,15 +97,15 @@ class SourceFrame(NamedTuple):
 
 
 def prepare_source_frame(frame: np.ndarray, detection: FaceLandmarks, config: GenerationConfig,
-                         smoother: Callable[[Any], Any] | None = None) -> SourceFrame:
+                         smoother: BoxSmoother | None = None) -> SourceFrame:
     """The CPU part of preparing one source frame, the one definition ``prepare_avatar`` and the bbox_shift tuner use:
     the crop box from the landmarks (``bbox_shift``; smoothed over time when a ``smoother`` is given), the extra
     margin, the 256x256 crop the VAE encodes and the expanded crop the face parser sees."""
     from musetalk.stages.blending import parser_input
     from musetalk.stages.faces.crop import apply_extra_margin, crop_box, crop_face
 
-    box = crop_box(detection.landmarks, config.crop.bbox_shift, detection.detector_box) if detection.has_face \
-        else None
+    box = (crop_box(detection.landmarks, config.crop.bbox_shift, detection.detector_box)
+           if detection.landmarks is not None else None)
     if smoother is not None:
         box = smoother(box)
     if box is None:
@@ -152,6 +160,12 @@ def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
         yield chunk
 
 
+def _face_parts(item: SourceFrame) -> tuple[tuple[int, int, int, int], np.ndarray, np.ndarray]:
+    """(face box, VAE crop, parser crop) of a source frame with a face."""
+    assert item.face_box is not None and item.crop is not None and item.parser_crop is not None
+    return item.face_box, item.crop, item.parser_crop
+
+
 def _write_chunk(writer: AvatarWriter, chunk: list[SourceFrame], materials: list[Any], latents: np.ndarray) -> None:
     """Frames, masks and latents of one chunk into the avatar folder (the writer thread's job, in order)."""
     for item, material in zip(chunk, materials):
@@ -176,7 +190,7 @@ class GenerationResult:
 class MuseTalkPipeline:
     """Audio encoder + VAE + UNet + face parser, loaded once; landmark backends built on first use."""
 
-    def __init__(self, audio_encoder: AudioEncoder, vae: VAE, unet: UNet, parser: FaceParser, *,
+    def __init__(self, audio_encoder: AudioEncoder, vae: VAE | MLXVAE, unet: UNet | MLXUNet, parser: FaceParser, *,
                  version: str = "v15", models_dir: Path | None = None,
                  landmarker_factory: Callable[[str], LandmarkBackend] | None = None) -> None:
         self.audio_encoder = audio_encoder
@@ -189,7 +203,7 @@ class MuseTalkPipeline:
         self.dtype = unet.dtype
         self._landmarker_factory = landmarker_factory
         self._landmarkers: dict[str, LandmarkBackend] = {}
-        self._vad = None  # voice-activity detector (silence handling), built on first use
+        self._vad: SileroVAD | None = None  # voice-activity detector (silence handling), built on first use
 
     @classmethod
     def from_pretrained(cls, models_dir: str | os.PathLike | None = None, version: str = "v15",
@@ -207,12 +221,14 @@ class MuseTalkPipeline:
         from musetalk.stages.mlx import resolve_backend
         from musetalk.stages.parsing import FaceParser
 
+        vae_class: type[VAE | MLXVAE]
+        unet_class: type[UNet | MLXUNet]
         if resolve_backend(backend) == "mlx":
-            from musetalk.stages.mlx.unet import MLXUNet as UNet
-            from musetalk.stages.mlx.vae import MLXVAE as VAE
+            from musetalk.stages.mlx.unet import MLXUNet as unet_class
+            from musetalk.stages.mlx.vae import MLXVAE as vae_class
         else:
-            from musetalk.stages.unet import UNet  # type: ignore[assignment]
-            from musetalk.stages.vae import VAE  # type: ignore[assignment]
+            from musetalk.stages.unet import UNet as unet_class
+            from musetalk.stages.vae import VAE as vae_class
 
         models = Path(models_dir) if models_dir is not None else default_models_dir()
         parts = layout(version)
@@ -224,15 +240,15 @@ class MuseTalkPipeline:
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         log.info("loading MuseTalk %s from %s on %s (%s), UNet + VAE on %s", version, models, dev, dt,
-                 getattr(UNet, "backend", "torch"))
+                 getattr(unet_class, "backend", "torch"))
         stage = combine(hooks, profiler).stage
         # Whisper and the face parser run once per segment / source frame: keep them in fp32 for exactness
         with stage("load"):
             audio_encoder = AudioEncoder.from_pretrained(models / parts.whisper_dir, device=dev)
         with stage("load"):
-            vae = VAE.from_pretrained(models / parts.vae_dir, device=dev, dtype=dt)
+            vae = vae_class.from_pretrained(models / parts.vae_dir, device=dev, dtype=dt)
         with stage("load"):
-            unet = UNet.from_pretrained(models / parts.unet_config, unet_file, device=dev, dtype=dt)
+            unet = unet_class.from_pretrained(models / parts.unet_config, unet_file, device=dev, dtype=dt)
         with stage("load"):
             parser = FaceParser.from_pretrained(models / parts.face_parse, device=dev)
         return cls(audio_encoder, vae, unet, parser, version=version, models_dir=models)
@@ -250,7 +266,7 @@ class MuseTalkPipeline:
                 self._landmarkers[name] = get_landmark_backend(name, device=str(self.device), **kwargs)
         return self._landmarkers[name]
 
-    def vad(self):
+    def vad(self) -> SileroVAD:
         """The voice-activity detector of the silence handling (CPU, shipped with silero-vad), built once."""
         if self._vad is None:
             from musetalk.stages.silence import SileroVAD
@@ -350,8 +366,7 @@ class MuseTalkPipeline:
 
     @staticmethod
     def _source_items(frames: Iterable[np.ndarray], landmarker: LandmarkBackend, config: GenerationConfig,
-                      stage: Callable[[str], Any], smoother: Callable[[Any], Any] | None,
-                      run: RunHooks) -> Iterator[SourceFrame]:
+                      stage: Stage, smoother: BoxSmoother | None, run: RunHooks) -> Iterator[SourceFrame]:
         """Per source frame, landmarks then :func:`prepare_source_frame` (crop box, VAE crop, parser crop)."""
         for frame in frames:
             check_cancelled(run)
@@ -360,7 +375,7 @@ class MuseTalkPipeline:
             with stage("crop"):
                 yield prepare_source_frame(frame, result, config, smoother)
 
-    def _prepare_models(self, chunk: list[SourceFrame], config: GenerationConfig, stage
+    def _prepare_models(self, chunk: list[SourceFrame], config: GenerationConfig, stage: Stage
                         ) -> tuple[list[Any], np.ndarray]:
         """Parser + VAE encoder on the faces of ``chunk``: paste-back materials (None: no face) and (k, 8, 32, 32)."""
         from musetalk.stages.blending import material_from_parsing
@@ -371,19 +386,20 @@ class MuseTalkPipeline:
         if not faced:
             return materials, latents
         blend = config.blend
+        parts = [_face_parts(chunk[k]) for k in faced]
         with stage("parsing"):
-            crops = [chunk[k].parser_crop for k in faced]
+            crops = [parser_crop for _, _, parser_crop in parts]
             parse_batch = getattr(self.parser, "parse_batch", None)
             maps = parse_batch(crops) if parse_batch is not None else [self.parser.parse(c) for c in crops]
-            for k, parsing in zip(faced, maps):
-                materials[k] = material_from_parsing(parsing, chunk[k].face_box, blend)
+            for k, (face_box, _, _), parsing in zip(faced, parts, maps):
+                materials[k] = material_from_parsing(parsing, face_box, blend)
         with stage("vae_encode"):
-            latents[faced] = self.vae.unet_input(np.stack([chunk[k].crop for k in faced])).numpy()
+            latents[faced] = self.vae.unet_input(np.stack([crop for _, crop, _ in parts])).numpy()
         return materials, latents
 
     # -- 2. stream -----------------------------------------------------------------------------------------
     def _predict_batches(self, avatar: Avatar, wav: np.ndarray, batch_size: int, stop: threading.Event,
-                         out: queue.Queue, stage, plan=None) -> None:
+                         out: queue.Queue, stage: Stage, plan: SilencePlan | None = None) -> None:
         """Producer thread: UNet + VAE decode per batch of output frames -> (source indices, faces)."""
         try:
             fps = avatar.meta.fps
@@ -402,8 +418,8 @@ class MuseTalkPipeline:
             return
         _put_unless_stopped(out, _SENTINEL, stop)
 
-    def _predict_batch(self, avatar: Avatar, start: int, batch_windows: np.ndarray, stage,
-                       generated: np.ndarray | None = None) -> tuple[list[int], list[int], np.ndarray | None]:
+    def _predict_batch(self, avatar: Avatar, start: int, batch_windows: np.ndarray, stage: Stage,
+                       generated: np.ndarray | None = None) -> PredictedBatch:
         """UNet + VAE decode of output frames ``start..`` from their (B, 50, 384) audio windows.
 
         Returns (source index per frame, rows with a face, (len(rows), 256, 256, 3) uint8 BGR faces or None).
@@ -423,8 +439,8 @@ class MuseTalkPipeline:
         return sources, rows, faces
 
     @staticmethod
-    def _compose_frames(avatar: Avatar, batch: tuple, frame_of: Callable, mask_of: Callable, stage
-                        ) -> Generator[np.ndarray, None, None]:
+    def _compose_frames(avatar: Avatar, batch: PredictedBatch, frame_of: Callable[[int], np.ndarray],
+                        mask_of: Callable[[int], np.ndarray], stage: Stage) -> Generator[np.ndarray, None, None]:
         """Paste one predicted batch back into its source frames; yields (H, W, 3) uint8 BGR frames in order.
         Shared by ``stream`` and live sessions."""
         from musetalk.stages.blending import BlendMaterial, blend_with_material
@@ -437,7 +453,9 @@ class MuseTalkPipeline:
                 with stage("blend"):
                     x1, y1, x2, y2 = (int(v) for v in avatar.mask_boxes[s])
                     material = BlendMaterial(mask=mask_of(s), crop_box=(x1, y1, x2, y2))
-                    frame = blend_with_material(frame, faces[face_of_row[k]], avatar.face_box(s), material)
+                    face_box = avatar.face_box(s)
+                    assert faces is not None and face_box is not None  # rows are the predicted face frames
+                    frame = blend_with_material(frame, faces[face_of_row[k]], face_box, material)
             yield frame
 
     def stream(self, avatar: Avatar, audio: str | os.PathLike | np.ndarray, config: GenerationConfig | None = None,
@@ -475,7 +493,7 @@ class MuseTalkPipeline:
                 if isinstance(item, BaseException):
                     raise item
                 for k, frame in enumerate(self._compose_frames(avatar, item, frame_of, mask_of, stage)):
-                    if shown is not None and plan.weights[done] < 1:
+                    if shown is not None and shown.plan.weights[done] < 1:
                         with stage("silence"):
                             frame = shown.show(done, item[0][k], frame)
                     check_cancelled(run)

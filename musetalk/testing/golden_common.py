@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 
 @dataclass(frozen=True)
@@ -35,14 +36,13 @@ class StageResult:
         return f"{self.verdict:<11} {self.stage:<34} {self.measure} = {value} (tolerance {self.tolerance}){extra}"
 
 
-def max_abs(stage: str, actual: np.ndarray, expected: np.ndarray, tol: float) -> StageResult:
+def max_abs(stage: str, actual: ArrayLike, expected: ArrayLike, tol: float) -> StageResult:
     """Max absolute error; shapes must match (a shape mismatch is a FAIL, not an exception)."""
-    actual = np.asarray(actual)
-    expected = np.asarray(expected)
-    if actual.shape != expected.shape:
+    got, want = np.asarray(actual), np.asarray(expected)
+    if got.shape != want.shape:
         return StageResult(stage, "max abs err", float("inf"), f"<= {tol:g}", False,
-                           f"shape {actual.shape} != expected {expected.shape}")
-    err = float(np.max(np.abs(actual.astype(np.float64) - expected.astype(np.float64)))) if actual.size else 0.0
+                           f"shape {got.shape} != expected {want.shape}")
+    err = float(np.max(np.abs(got.astype(np.float64) - want.astype(np.float64)))) if got.size else 0.0
     return StageResult(stage, "max abs err", err, f"<= {tol:g}", bool(err <= tol))
 
 
@@ -59,14 +59,13 @@ def frac_within(stage: str, actual: np.ndarray, expected: np.ndarray, levels: fl
     return StageResult(stage, "% within", frac * 100.0, rule, bool(frac >= min_fraction))
 
 
-def exact(stage: str, actual: np.ndarray, expected: np.ndarray) -> StageResult:
+def exact(stage: str, actual: ArrayLike, expected: ArrayLike) -> StageResult:
     """Exact equality (integer tracks, offsets, frame indices)."""
-    actual = np.asarray(actual)
-    expected = np.asarray(expected)
-    if actual.shape != expected.shape:
+    got, want = np.asarray(actual), np.asarray(expected)
+    if got.shape != want.shape:
         return StageResult(stage, "mismatches", float("inf"), "== 0", False,
-                           f"shape {actual.shape} != expected {expected.shape}")
-    n_bad = int(np.count_nonzero(actual != expected))
+                           f"shape {got.shape} != expected {want.shape}")
+    n_bad = int(np.count_nonzero(got != want))
     return StageResult(stage, "mismatches", float(n_bad), "== 0", n_bad == 0)
 
 

@@ -7,6 +7,7 @@ intermediate results. Tolerances (float32, CPU) are those of shared/golden/READM
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -70,7 +71,8 @@ class _Set:
 
     def face_box(self, coord: np.ndarray, frame_height: int) -> tuple[int, int, int, int]:
         from musetalk.stages.faces.crop import apply_extra_margin
-        box = tuple(int(v) for v in coord)
+        x1, y1, x2, y2 = (int(v) for v in coord)
+        box = (x1, y1, x2, y2)
         return apply_extra_margin(box, self.extra_margin, frame_height) if self.extra_margin else box
 
     @property
@@ -201,5 +203,5 @@ def verify(set_dir: Path, backend: str = "torch") -> list[StageResult]:
     rows: list[StageResult] = []
     for name, fn in (("audio", _audio_stages), ("faces", _face_stages), ("models", _model_stages),
                      ("parsing", _parsing_stages), ("blending", _blend_stages), ("chained", _chained)):
-        rows += guarded(name, lambda fn=fn: fn(s))
+        rows += guarded(name, functools.partial(fn, s))
     return rows

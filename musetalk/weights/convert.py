@@ -58,7 +58,7 @@ def write_safetensors(state: Mapping[str, torch.Tensor], path: str | os.PathLike
             for name in order:
                 flat = state[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8)
                 for start in range(0, flat.numel(), _WRITE_CHUNK):
-                    f.write(memoryview(flat[start:start + _WRITE_CHUNK].numpy()))
+                    f.write(flat[start:start + _WRITE_CHUNK].numpy().data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -146,12 +146,14 @@ def load_model(build: Callable[[], ModuleT], path: str | os.PathLike, *, device:
         return convert(state) if convert is not None else state
 
     identity = _file_identity(path) if path.is_file() else None
-    state: StateDict | None = read()
-    check_keys({k: v.shape for k, v in expected.items()}, state, model=type(module).__name__, source=path,
+    first = read()
+    check_keys({k: v.shape for k, v in expected.items()}, first, model=type(module).__name__, source=path,
                fix=KEY_CHECK_FIX)
     targets = {k: dtype if meta.is_floating_point() else meta.dtype for k, meta in expected.items()}
     # zero copy only when nothing is cast: a cast tensor's pages would stay resident in a mapping kept alive
-    share_mapping = mapped and device.type == "cpu" and all(state[k].dtype == t for k, t in targets.items())
+    share_mapping = mapped and device.type == "cpu" and all(first[k].dtype == t for k, t in targets.items())
+    state: StateDict | None = first
+    del first  # `state` holds the only reference: setting it to None below unmaps the file
     loaded: StateDict = {}
     read_since_open = 0
     for key, target in targets.items():

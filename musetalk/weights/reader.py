@@ -32,7 +32,7 @@ import struct
 import tarfile
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, cast
 
 import numpy as np
 import torch
@@ -116,6 +116,11 @@ class OpaqueObject:
 
     pickled_module = "?"
     pickled_name = "?"
+    # set per object by __new__ / __setstate__ (object.__setattr__, as __setattr__ below records into ``items``)
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    state: Any
+    items: list[Any]
 
     def __new__(cls, *args: Any, **kwargs: Any) -> "OpaqueObject":
         obj = object.__new__(cls)
@@ -414,7 +419,7 @@ def _finish(obj: Any) -> Any:
 def _read_storage_bytes(file: Any, nbytes: int, into: torch.UntypedStorage | None = None) -> torch.UntypedStorage:
     """Exactly ``nbytes`` from ``file`` into ``into`` (else a fresh, aligned CPU storage); short reads = truncation."""
     buffer = torch.empty(nbytes, dtype=torch.uint8) if into is None else torch.empty(0, dtype=torch.uint8).set_(into)
-    view = memoryview(buffer.numpy())
+    view = buffer.numpy().data  # a writable memoryview of the storage's bytes
     done = 0
     while done < nbytes:
         n = file.readinto(view[done:])
@@ -622,7 +627,9 @@ def _read_zip_restricted(path: Path, mmap: bool) -> Any:
         prefix = pickles[0][: -len("data.pkl")]
         if prefix + "byteorder" in archive.namelist() and archive.read(prefix + "byteorder") != b"little":
             raise _Corrupt("the checkpoint was written on a big-endian machine")
-        whole = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=path.stat().st_size) if mmap else None
+        # torch types from_file on the storage base class; on UntypedStorage it returns an UntypedStorage
+        whole = cast(torch.UntypedStorage, torch.UntypedStorage.from_file(str(path), shared=False,
+                                                                          nbytes=path.stat().st_size)) if mmap else None
         storages: dict[str, _Storage] = {}
 
         def persistent(pid: Any) -> Any:

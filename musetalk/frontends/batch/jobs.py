@@ -88,7 +88,7 @@ def _read_csv(f: Iterable[str]) -> tuple[list[tuple[int, dict[str, Any]]], list[
     rows: list[tuple[int, dict[str, Any]]] = []
     errors: list[RowError] = []
     for data in reader:
-        extra = data.pop(None, None)  # type: ignore[call-overload]  # cells beyond the header
+        extra = data.pop(None, None)  # cells beyond the header
         if extra and any(str(v).strip() for v in extra):
             errors.append(RowError(reader.line_num, "-", f"{len(extra)} more cells than the header has columns",
                                    "quote values that contain commas, or add the missing column names"))

@@ -160,6 +160,7 @@ class BboxShiftTuner:
     def _decode(self, index: int) -> np.ndarray:
         if self._frame_cache is None or self._frame_cache[0] != index:
             image = cv2.imdecode(np.frombuffer(self._frames[index], np.uint8), cv2.IMREAD_COLOR)
+            assert image is not None, "the frames are PNGs encoded by _sample_frames"
             self._frame_cache = (index, image)
         return self._frame_cache[1]
 
@@ -207,7 +208,8 @@ class BboxShiftTuner:
         from musetalk.stages.faces.smoothing import smooth_boxes
 
         shift = self._shift if bbox_shift is None else bbox_shift
-        raw = [crop_box(d.landmarks, shift, d.detector_box) if d.has_face else None for d in self.detections]
+        raw = [crop_box(d.landmarks, shift, d.detector_box) if d.landmarks is not None else None
+               for d in self.detections]
         step = self.frame_numbers[1] - self.frame_numbers[0] if len(self) > 1 else 1
         crop = self.config.crop
         smoothed = smooth_boxes(raw, (self.fps or self.config.fps) / step, crop.smoothing_min_cutoff,
@@ -223,7 +225,9 @@ class BboxShiftTuner:
         if self._tracks is None or self._tracks[0] != self._shift:
             raw, smoothed = self.box_tracks()
             png = viz.figure_png(viz.plot_box_tracks(raw, smoothed), dpi=70)
-            self._tracks = (self._shift, cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR))
+            plot = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
+            assert plot is not None, "matplotlib wrote a PNG"
+            self._tracks = (self._shift, plot)
         return self._tracks[1]
 
     def views(self) -> dict[str, np.ndarray]:

@@ -25,7 +25,8 @@ from musetalk.errors import MuseTalkError
 from musetalk.frontends.server.errors import ApiError, http_error
 from musetalk.frontends.server.jobs import GenerationService, ServerJob, memory_figures
 from musetalk.frontends.server.live import add_live_routes
-from musetalk.frontends.server.schemas import MP4, ErrorBody, Health, JobStatus, ServiceInfo, ShutdownStatus, _errors
+from musetalk.frontends.server.schemas import MP4, ErrorBody, FieldError, Health, JobStatus, ServiceInfo, ShutdownStatus, \
+    _errors
 from musetalk.frontends.options import overrides_from, with_form_settings
 from musetalk.frontends.server.settings import JOB_ID_PATTERN, POLL_S, Loader, ServerSettings
 from musetalk.frontends.server.uploads import BodyLimit
@@ -75,9 +76,9 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [{"field": ".".join(str(p) for p in e.get("loc", ())[1:]) or "body", "problem": e.get("msg", "")}
+        errors = [FieldError(field=".".join(str(p) for p in e.get("loc", ())[1:]) or "body", problem=e.get("msg", ""))
                   for e in exc.errors()]
-        message = "; ".join(f"{e['field']}: {e['problem']}" for e in errors[:5])
+        message = "; ".join(f"{e.field}: {e.problem}" for e in errors[:5])
         body = ErrorBody(error="invalid_request", message=message or "invalid request",
                          fix="see GET /docs for the fields and their types", detail=errors)
         return JSONResponse(body.model_dump(), status_code=422)

@@ -40,8 +40,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add_setting_flags(p, scopes=("process",))  # --device, --dtype, ...: as for generate
     for f, flag, unit in _server_fields():  # --queue-size, --max-upload-mb, ...: from ServerSettings
         meta = f.metadata
-        default = os.environ.get(meta["env"]) if meta["env"] else f.default
-        if unit != 1 and default is not None:
+        assert f.default is not dataclasses.MISSING  # every ServerSettings field has a default
+        default = f.default
+        if meta["env"]:  # a string, converted by argparse as if it were given on the command line
+            default = os.environ.get(meta["env"])
+        elif unit != 1 and default is not None:
             default = default / unit
         kind = _field_type(f)
         shown = f"${meta['env']}" if meta["env"] else f"{default:g}" if isinstance(default, float) else default
@@ -73,7 +76,7 @@ def _settings(args: argparse.Namespace):
     from musetalk.errors import InputError
     from musetalk.frontends.server import ServerSettings
 
-    values = {}
+    values: dict[str, Any] = {}
     for f, flag, unit in _server_fields():
         value = getattr(args, f.name)
         minimum = f.metadata.get("minimum")
@@ -145,7 +148,7 @@ def run_serve(args: argparse.Namespace) -> int:
         server.run(sockets=[sock])  # uvicorn turns SIGINT / SIGTERM into its graceful stop, then re-raises them
     finally:
         sock.close()
-        if previous_hup is not None:
+        if hup is not None and previous_hup is not None:
             signal.signal(hup, previous_hup)
     if hangups:  # re-raised like uvicorn does for SIGINT / SIGTERM: the CLI then exits with 128 + SIGHUP
         signal.raise_signal(hangups[0])

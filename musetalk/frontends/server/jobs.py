@@ -12,7 +12,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, cast
 
 from musetalk.config import GenerationConfig, preset
 from musetalk.errors import Cancelled, InputError, MuseTalkError, WeightsError
@@ -100,8 +100,9 @@ class GenerationService:
         self._pipelines: dict[str, MuseTalkPipeline] = {}
         if callable(pipeline_or_loader) and not hasattr(pipeline_or_loader, "stream"):
             self._loader = pipeline_or_loader
-        else:
-            self._pipelines[pipeline_or_loader.version] = pipeline_or_loader  # type: ignore[union-attr]
+        else:  # a pipeline (a test double of one may be callable too; it has `stream`)
+            pipeline = cast("MuseTalkPipeline", pipeline_or_loader)
+            self._pipelines[pipeline.version] = pipeline
         self._cond = threading.Condition()
         self._pending: collections.deque[ServerJob] = collections.deque()
         self._reserved = 0  # queue slots promised to requests still storing their uploads

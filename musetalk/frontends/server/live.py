@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("musetalk.frontends.server")
 SAMPLE_RATE = 16_000  # Whisper's rate; the server does not resample a stream
-FORMATS = {"pcm_s16le": np.dtype("<i2"), "pcm_f32le": np.dtype("<f4")}
+FORMATS: dict[str, np.dtype] = {"pcm_s16le": np.dtype("<i2"), "pcm_f32le": np.dtype("<f4")}
 OPTION_KEYS = {"lookahead_ms", "batch_size", "late_after_ms", "image_format", "jpeg_quality", "coalesce"}
 START_KEYS = {"type", "sample_rate", "format", "channels", "fps", "options"}
 
@@ -191,8 +191,8 @@ class LiveService:
         if start.batch_size is not None:
             fields["batch_size"] = start.batch_size
         config = self.service.make_config(record.version, **fields)
-        options = LiveConfig(lookahead_s=start.lookahead_s, coalesce=start.coalesce,
-                             **({"late_after_s": start.late_after_s} if start.late_after_s is not None else {}))
+        late: dict[str, Any] = {} if start.late_after_s is None else {"late_after_s": start.late_after_s}
+        options = LiveConfig(lookahead_s=start.lookahead_s, coalesce=start.coalesce, **late)
         return self.service.pipeline(record.version).live(record.avatar, config, options)
 
     async def _stream(self, ws: WebSocket, session: "LiveSession", start: StartRequest) -> None:

@@ -157,16 +157,16 @@ class DWPoseConfig:
             bn_eps=float(eps.group(1)) if eps else default.bn_eps,
             in_channels=int(head.get("in_channels", default.in_channels)),
             num_keypoints=int(head.get("out_channels", default.num_keypoints)),
-            input_size=tuple(head.get("input_size_wh", default.input_size)),  # type: ignore[arg-type]
-            featuremap_size=tuple(head.get("in_featuremap_size_wh", default.featuremap_size)),  # type: ignore[arg-type]
+            input_size=tuple(head.get("input_size_wh", default.input_size)),
+            featuremap_size=tuple(head.get("in_featuremap_size_wh", default.featuremap_size)),
             simcc_split_ratio=float(head.get("simcc_split_ratio", default.simcc_split_ratio)),
             final_layer_kernel_size=int(head.get("final_layer_kernel_size", default.final_layer_kernel_size)),
             gau_hidden_dims=int(gau.get("hidden_dims", default.gau_hidden_dims)),
             gau_s=int(gau.get("s", default.gau_s)),
             gau_expansion_factor=int(gau.get("expansion_factor", default.gau_expansion_factor)),
             gau_act=gau.get("act_fn", default.gau_act),
-            mean_rgb=tuple(pre.get("mean_rgb", default.mean_rgb)),  # type: ignore[arg-type]
-            std_rgb=tuple(pre.get("std_rgb", default.std_rgb)),  # type: ignore[arg-type]
+            mean_rgb=tuple(pre.get("mean_rgb", default.mean_rgb)),
+            std_rgb=tuple(pre.get("std_rgb", default.std_rgb)),
             bbox_padding=float(padding.group(1)) if padding else default.bbox_padding,
             flip_test=bool(pre.get("flip_test", default.flip_test)),
         )

@@ -10,10 +10,14 @@ from __future__ import annotations
 import importlib
 import logging
 import platform
+from typing import TYPE_CHECKING
 
 import torch
 
 from musetalk.errors import InputError
+
+if TYPE_CHECKING:
+    import mlx.core as mx
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +60,7 @@ def resolve_backend(backend: str = "auto", *, apple_silicon: bool | None = None,
     return chosen
 
 
-def mlx_dtype(dtype: torch.dtype):
+def mlx_dtype(dtype: torch.dtype) -> mx.Dtype:
     """torch float dtype -> the MLX dtype of the same name (float32, float16, bfloat16)."""
     import mlx.core as mx
 

@@ -17,7 +17,7 @@ import hashlib
 import logging
 import os
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping, cast
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -73,7 +73,8 @@ def _read_cache(path: Path, source: Path) -> dict[str, mx.array] | None:
     if not path.is_file():
         return None
     try:
-        arrays, meta = mx.load(str(path), return_metadata=True)
+        # mx.load is typed for every format and flag; a .safetensors file with return_metadata is (arrays, metadata)
+        arrays, meta = cast("tuple[dict[str, mx.array], dict[str, Any]]", mx.load(str(path), return_metadata=True))
     except (OSError, RuntimeError, ValueError) as exc:  # a damaged cache is rebuilt, never trusted
         log.warning("ignoring unreadable MLX weights cache %s (%s)", path, exc)
         return None

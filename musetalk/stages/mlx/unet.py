@@ -161,7 +161,7 @@ class UNet2DCondition(nn.Module):
 
         self.conv_in = nn.Conv2d(int(config["in_channels"]), channels[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(channels[0], temb)
-        self.down_blocks = []
+        self.down_blocks: list[DownBlock] = []
         out_ch = channels[0]
         for i, kind in enumerate(config["down_block_types"]):
             in_ch, out_ch = out_ch, channels[i]
@@ -170,7 +170,7 @@ class UNet2DCondition(nn.Module):
                 context_dim, tlayers[i], linear, None if i == n - 1 else int(config.get("downsample_padding", 1))))
         self.mid_block = MidBlock(channels[-1], temb, groups, eps, heads[-1], context_dim, tlayers[-1], linear)
         rev, rev_heads, rev_layers, rev_t = channels[::-1], heads[::-1], layers[::-1], tlayers[::-1]
-        self.up_blocks = []
+        self.up_blocks: list[UpBlock] = []
         out_ch = rev[0]
         for i, kind in enumerate(config["up_block_types"]):
             prev, out_ch, in_ch = out_ch, rev[i], rev[min(i + 1, n - 1)]
@@ -191,8 +191,8 @@ class UNet2DCondition(nn.Module):
             x, block_skips = block(x, temb, context)
             skips += block_skips
         x = self.mid_block(x, temb, context)
-        for block in self.up_blocks:
-            x = block(x, skips, temb, context)  # pops exactly len(block.resnets) skips
+        for up in self.up_blocks:
+            x = up(x, skips, temb, context)  # pops exactly len(block.resnets) skips
         return self.conv_out(nn.silu(self.conv_norm_out(x)))
 
 
