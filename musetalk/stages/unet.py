@@ -11,12 +11,27 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from musetalk.stages.audio import add_positional_encoding
 from musetalk.errors import WeightsError
 from musetalk.weights import DOWNLOAD_HINT, load_model
+
+
+def read_unet_config(config_path: str | os.PathLike) -> dict[str, Any]:
+    """The checkpoint's own ``musetalk.json`` (a diffusers UNet2DConditionModel config); WeightsError with the fix
+    when it is missing or not JSON. Both backends build their UNet from it."""
+    config_path = Path(config_path)
+    fix = DOWNLOAD_HINT.format(models=config_path.parent.parent)
+    if not config_path.is_file():
+        raise WeightsError(f"UNet config {config_path} is missing", fix)
+    try:
+        config: dict[str, Any] = json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise WeightsError(f"UNet config {config_path} is not valid JSON ({exc})", fix) from None
+    return config
 
 
 class UNet:
@@ -34,12 +49,7 @@ class UNet:
 
         config_path, weights_path = Path(config_path), Path(weights_path)
         fix = DOWNLOAD_HINT.format(models=config_path.parent.parent)
-        if not config_path.is_file():
-            raise WeightsError(f"UNet config {config_path} is missing", fix)
-        try:
-            config = json.loads(config_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise WeightsError(f"UNet config {config_path} is not valid JSON ({exc})", fix) from None
+        config = read_unet_config(config_path)
         # built empty, then filled from the (memory-mapped) file in the run dtype: one copy of the weights at most
         model = load_model(lambda: UNet2DConditionModel.from_config(config), weights_path, device=device, dtype=dtype,
                            fix=fix)

@@ -10,7 +10,6 @@ does not implement raise WeightsError instead of silently computing something el
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -224,14 +223,11 @@ class MLXUNet:
                         device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                         cache: bool = True) -> "MLXUNet":
         """Build from the official files; ``cache=False`` converts in memory and writes nothing."""
+        from musetalk.stages.unet import read_unet_config
+
         config_path, weights_path = Path(config_path), Path(weights_path)
         fix = DOWNLOAD_HINT.format(models=config_path.parent.parent)
-        if not config_path.is_file():
-            raise WeightsError(f"UNet config {config_path} is missing", fix)
-        try:
-            config = json.loads(config_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise WeightsError(f"UNet config {config_path} is not valid JSON ({exc})", fix) from None
+        config = read_unet_config(config_path)
         check_config(config, str(config_path))
         model = UNet2DCondition(config)
         load_weights_strict(model, unet_weights(weights_path, cache=cache, fix=fix), mlx_dtype(dtype), weights_path)
