@@ -141,7 +141,7 @@ def _add_job_routes(app: FastAPI, service: GenerationService) -> None:
         run_async: bool = Form(False, alias="async", description="return 202 and a job id instead of waiting"),
         **settings: Any,
     ) -> Any:
-        """Waits and answers the mp4 (X-ServerJob-Id, X-Frames headers), or with async=true answers 202 at once."""
+        """Waits and answers the mp4 (X-Job-Id, X-Frames headers), or with async=true answers 202 at once."""
         fields = overrides_from(settings)
         config = service.make_config(fields.pop("version", None), **fields)
         job = await run_in_threadpool(service.submit, config, avatar, source.file, audio.file, not run_async)
@@ -198,7 +198,7 @@ async def _wait_for(request: Request, service: GenerationService, job: ServerJob
         assert job.error is not None
         return job.error.response()
     return FileResponse(job.result, media_type="video/mp4", filename=f"musetalk-{job.id[:8]}.mp4",
-                        headers={"X-ServerJob-Id": job.id, "X-Frames": str(job.frames_done)},
+                        headers={"X-Job-Id": job.id, "X-Frames": str(job.frames_done)},
                         background=BackgroundTask(service.delete, job.id))
 
 
