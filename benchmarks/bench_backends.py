@@ -21,16 +21,16 @@ import argparse
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.bench_generate import write_section  # the one writer of docs/benchmarks.md sections
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-DOC = REPO / "docs" / "benchmarks.md"
 SAMPLES = REPO / "samples"
 
 
@@ -144,18 +144,6 @@ mlx {info.get('mlx')} on {info.get('mlx_device')}; torch stages on `{records[0][
 |---|---|---:|---:|---:|---:|---:|
 {rows}
 """
-
-
-def write_section(name: str, markdown: str) -> None:
-    """Replace the text between <!-- BENCH:name --> markers in docs/benchmarks.md (append if absent)."""
-    text = DOC.read_text()
-    start, end = f"<!-- BENCH:{name} -->", f"<!-- /BENCH:{name} -->"
-    block = f"{start}\n{markdown.strip()}\n{end}"
-    if start in text:
-        text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _m: block, text, flags=re.S)
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    DOC.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> int:
