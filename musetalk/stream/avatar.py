@@ -125,19 +125,19 @@ class Avatar:
 
     def frame(self, index: int) -> np.ndarray:
         """Source frame ``index`` as (H, W, 3) uint8 BGR."""
-        img = cv2.imread(str(self.path / "frames" / f"{index:06d}.png"), cv2.IMREAD_COLOR)
-        if img is None:
-            raise InputError(f"avatar {self.path} is damaged (frame {index} unreadable)",
-                             "prepare it again: `musetalk avatar prepare --force ...`")
-        return img
+        return self._read_png("frames", "frame", index, cv2.IMREAD_COLOR)
 
     def mask(self, index: int) -> np.ndarray:
         """Paste-back mask of frame ``index`` (uint8, size of its expanded crop)."""
-        mask = cv2.imread(str(self.path / "masks" / f"{index:06d}.png"), cv2.IMREAD_GRAYSCALE)
-        if mask is None:
-            raise InputError(f"avatar {self.path} is damaged (mask {index} unreadable)",
+        return self._read_png("masks", "mask", index, cv2.IMREAD_GRAYSCALE)
+
+    def _read_png(self, folder: str, what: str, index: int, flags: int) -> np.ndarray:
+        """One stored PNG; a missing or unreadable one means the avatar is damaged (InputError with the fix)."""
+        image = cv2.imread(str(self.path / folder / f"{index:06d}.png"), flags)
+        if image is None:
+            raise InputError(f"avatar {self.path} is damaged ({what} {index} unreadable)",
                              "prepare it again: `musetalk avatar prepare --force ...`")
-        return mask
+        return image
 
     def face_box(self, index: int) -> tuple[int, int, int, int] | None:
         return _box(self.face_boxes[index]) if self.has_face[index] else None

@@ -29,6 +29,7 @@ import struct
 import threading
 import uuid
 from dataclasses import dataclass
+from collections.abc import MutableMapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -175,13 +176,9 @@ class LiveService:
                 self.avatars.release(record)
 
     async def _receive_start(self, ws: WebSocket, record: ServerAvatar) -> StartRequest:
-        try:
-            message = await asyncio.wait_for(ws.receive(), self.settings.start_timeout_s)
-        except asyncio.TimeoutError:
-            raise LiveError(408, "start_timeout", f"no start message within {self.settings.start_timeout_s:g} s",
-                            'send {"type": "start", "sample_rate": 16000, "format": "pcm_s16le"} first') from None
-        if message["type"] == "websocket.disconnect":
-            raise WebSocketDisconnect(message.get("code", 1000))
+        message = await _receive(ws, self.settings.start_timeout_s, LiveError(
+            408, "start_timeout", f"no start message within {self.settings.start_timeout_s:g} s",
+            'send {"type": "start", "sample_rate": 16000, "format": "pcm_s16le"} first'))
         return parse_start(message.get("text"), record, self.settings, self.service.settings.max_batch_size)
 
     def _open(self, record: ServerAvatar, start: StartRequest) -> "LiveSession":
@@ -238,13 +235,9 @@ class LiveService:
         received = 0
         width = start.format.itemsize
         while True:
-            try:
-                message = await asyncio.wait_for(ws.receive(), self.settings.idle_timeout_s)
-            except asyncio.TimeoutError:
-                raise LiveError(408, "idle_timeout", f"no audio for {self.settings.idle_timeout_s:g} s",
-                                'send audio continuously (silence is fine) and {"type": "end"} at the end') from None
-            if message["type"] == "websocket.disconnect":
-                raise WebSocketDisconnect(message.get("code", 1000))
+            message = await _receive(ws, self.settings.idle_timeout_s, LiveError(
+                408, "idle_timeout", f"no audio for {self.settings.idle_timeout_s:g} s",
+                'send audio continuously (silence is fine) and {"type": "end"} at the end'))
             data = message.get("bytes")
             if data is None:
                 text = message.get("text") or ""
@@ -412,3 +405,15 @@ def add_live_routes(app: FastAPI, service: "GenerationService",
         await live.run(ws, avatar_id)
 
     return live
+
+
+async def _receive(ws: WebSocket, timeout_s: float, timed_out: LiveError) -> MutableMapping[str, Any]:
+    """The client's next WebSocket message; ``timed_out`` when none comes within ``timeout_s``, and
+    WebSocketDisconnect when the client went away."""
+    try:
+        message = await asyncio.wait_for(ws.receive(), timeout_s)
+    except asyncio.TimeoutError:
+        raise timed_out from None
+    if message["type"] == "websocket.disconnect":
+        raise WebSocketDisconnect(message.get("code", 1000))
+    return message
