@@ -177,6 +177,10 @@ def status_kb(field):  # VmRSS: now; VmHWM: peak of this process image (ru_maxrs
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 dtype = getattr(torch, sys.argv[3])
+# One-time costs first (lazy imports, the cast kernels' code pages: ~8 MB that CI's runners showed as +0.15x):
+# a one-layer load of the same file in the same dtypes. What is measured after it is what scales with the model.
+load_model(lambda: nn.Sequential(nn.Linear(1024, 1024, bias=False)), sys.argv[1], dtype=dtype,
+           convert=lambda sd: {"0.weight": sd["0.weight"]})
 before = status_kb("VmRSS")
 model = load_model(build, sys.argv[1], dtype=dtype, chunk_bytes=int(sys.argv[4]))
 peak = status_kb("VmHWM")
@@ -191,18 +195,18 @@ print(json.dumps({"before_kb": before, "peak_kb": peak, "used_kb": status_kb("Vm
 @pytest.mark.parametrize(("file_dtype", "run_dtype"), [("float32", "bfloat16"), ("float16", "float32"),
                                                        ("float32", "float32")])
 def test_loading_never_holds_two_copies_of_the_weights(tmp_path: Path, file_dtype: str, run_dtype: str) -> None:
-    """Peak RSS during load_model of a 96-128 MB model stays under 1.3x its parameter bytes above the baseline.
+    """Peak RSS during load_model of a 96-256 MB model stays under 1.3x its parameter bytes above the baseline.
 
     The old loader (build with random init, read the whole file, copy in) peaked at 2-3x.
     """
-    layers = 24
+    layers = 48
     torch.manual_seed(0)
     state = {f"{i}.weight": torch.randn(1024, 1024).to(getattr(torch, file_dtype)) for i in range(layers)}
     path = tmp_path / "mid.pth"
     torch.save(state, path)
     expected_sum = float(sum(v.to(getattr(torch, run_dtype)).float().sum() for v in state.values()))
     del state
-    chunk = 8 * 2**20  # bounds the checkpoint pages held to ~8 MB + one 4 MB tensor in a 48-96 MB model
+    chunk = 8 * 2**20  # bounds the checkpoint pages held to ~8 MB + one 4 MB tensor in a 96-192 MB model
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run([sys.executable, "-c", _PEAK_CHILD, str(path), str(layers), run_dtype, str(chunk)],
                           capture_output=True, text=True, env=env, timeout=120)
