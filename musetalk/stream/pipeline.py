@@ -373,7 +373,8 @@ class MuseTalkPipeline:
             with stage("landmarks"):
                 result = landmarker.detect(frame)
             with stage("crop"):
-                yield prepare_source_frame(frame, result, config, smoother)
+                item = prepare_source_frame(frame, result, config, smoother)
+            yield item  # outside the stage: the time the consumer takes to ask for the next one is not the crop's
 
     def _prepare_models(self, chunk: list[SourceFrame], config: GenerationConfig, stage: Stage
                         ) -> tuple[list[Any], np.ndarray]:
