@@ -67,6 +67,10 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def local_run(inputs: Path, tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     """`musetalk batch` through the CLI, local mode, with --skip-invalid; a private avatar cache."""
     root = tmp_path_factory.mktemp("local")
+    # the staging folder of a batch killed with SIGKILL (unheld, an hour old): this batch removes it
+    killed = root / "out" / ".musetalk-batch-0123456789ab"
+    (killed / "row2").mkdir(parents=True)
+    os.utime(killed, (time.time() - 3600,) * 2)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MUSETALK_CACHE", str(root / "cache"))
         started = time.time()
@@ -180,7 +184,7 @@ def test_local_batch_makes_three_videos_and_a_summary(local_run: dict) -> None:
     for row, name in ((2, "face-a1.mp4"), (3, "clip-a3.mp4"), (4, "face-a2.mp4")):
         assert rows[row][0]["state"] == "done" and rows[row][0]["output"] == str(out / name)
         assert rows[row][0]["frames"] == FRAMES[name] and rows[row][0]["seconds"] > 0
-    assert not _hidden(out)  # the staging folder is gone, no partial files
+    assert not _hidden(out)  # the staging folders (its own, a killed batch's) are gone, no partial files
 
 
 def test_local_batch_prepares_the_shared_source_once(local_run: dict) -> None:

@@ -322,6 +322,35 @@ def test_generate_stops_cleanly_on_a_signal(where: str, name: str, media: Path, 
     assert_nothing_left(dirs, media, before)
 
 
+def test_what_a_killed_run_left_the_next_run_removes(media: Path, dirs: SimpleNamespace, tiny_models: Path) -> None:
+    """SIGKILL (the OOM killer, ``kill -9``) runs no exit path: a hidden avatar folder in the cache, a temporary
+    avatar and a partial output stay behind. The next runs writing to the same places remove them, once no live
+    process holds them and they are older than a minute (aged here instead of waited for)."""
+    before = fingerprint(media)
+    models = ["--models", str(tiny_models), "--device", "cpu", "--dtype", "fp32", "--batch-size", "2"]
+    prepare = ["avatar", "prepare", "--source", str(media / "face.png"), "--name", "k", *models]
+    generate = ["generate", "--source", str(media / "face.png"), "--audio", str(media / "long.wav"), "--output",
+                str(dirs.out / "out.mp4"), *models]
+    run = Run(prepare, dirs.tmp, dirs.cache)
+    run.wait_until(lambda: re.search(r"prepare:\s+0%", run.stderr), "preparation")
+    run.proc.kill()
+    run.finish()
+    run = Run(generate, dirs.tmp, dirs.cache)
+    run.wait_until(lambda: any(".partial" in p.name for p in dirs.out.iterdir()), "encoding")
+    run.proc.kill()
+    run.finish()
+    left = half_written(dirs.out, dirs.cache) + list(dirs.tmp.iterdir())
+    assert {p.parent for p in left} >= {dirs.out, dirs.cache / "avatars", dirs.tmp}, left
+    then = time.time() - 600
+    for path in left:
+        os.utime(path, (then, then))
+    for args in (prepare, generate):
+        run = Run(args, dirs.tmp, dirs.cache)
+        assert run.finish() == 0, run.stderr[-3000:]
+    assert (dirs.out / "out.mp4").is_file() and (dirs.cache / "avatars" / "k" / "meta.json").is_file()
+    assert_nothing_left(dirs, media, before)
+
+
 def test_batch_stops_cleanly_on_sigterm(media: Path, dirs: SimpleNamespace, tiny_models: Path) -> None:
     import json
 

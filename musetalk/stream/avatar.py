@@ -33,6 +33,7 @@ import cv2
 import numpy as np
 
 from musetalk.errors import InputError, MuseTalkError, StorageError
+from musetalk.stream.leftovers import Hold, sweep
 
 FORMAT_VERSION = 1
 # matched whole with fullmatch: with match and "$", "name\n" passed ("$" also matches before a final newline)
@@ -95,6 +96,7 @@ class Avatar:
         self.path = Path(path)
         # weakref.finalize, not __del__: it also runs at interpreter exit and never resurrects the object
         self._cleanup = weakref.finalize(self, shutil.rmtree, str(owned_dir), True) if owned_dir else None
+        self._hold = Hold(owned_dir) if owned_dir else None  # a later run's sweep of the temp dir leaves it alone
         meta = json.loads((self.path / "meta.json").read_text())
         self.meta = AvatarMeta(**meta)
         arrays = np.load(self.path / "arrays.npz")
@@ -116,6 +118,8 @@ class Avatar:
         if self._cleanup is not None:
             self.latents = np.zeros((0, 8, 32, 32), np.float32)  # drop the memory map before its file goes
             self._cleanup()
+            if self._hold is not None:
+                self._hold.release()
 
     def __enter__(self) -> "Avatar":
         return self
@@ -149,13 +153,19 @@ def _box(values: Sequence[int] | np.ndarray) -> tuple[int, int, int, int]:
     return x1, y1, x2, y2
 
 
+# the hidden folders of AvatarWriter (mkdtemp's 8-character suffix) and of _swap_in (an old avatar moved aside)
+LEFTOVER_FOLDER = re.compile(r"\..+\.(?:[a-z0-9_]{8}|old-\d+-\d+)")
+
+
 class AvatarWriter:
     """Builds an avatar folder frame by frame in a temporary folder; ``commit`` moves it in place atomically."""
 
     def __init__(self, final_path: Path) -> None:
         self.final_path = Path(final_path)
         self.final_path.parent.mkdir(parents=True, exist_ok=True)
+        sweep(self.final_path.parent, LEFTOVER_FOLDER)  # what a killed preparation left here
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.final_path.name}.", dir=self.final_path.parent))
+        self._hold = Hold(self.tmp)
         (self.tmp / "frames").mkdir()
         (self.tmp / "masks").mkdir()
         self.has_face: list[bool] = []
@@ -253,10 +263,12 @@ class AvatarWriter:
         finally:
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
+            self._hold.release()
         return Avatar(self.final_path, owned_dir=owned_dir)
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
+        self._hold.release()
 
 
 def load_avatar(path: Path, expected_key: str | None = None) -> Avatar | None:

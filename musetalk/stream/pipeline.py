@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import re
 import shutil
 import tempfile
 import threading
@@ -32,6 +33,7 @@ from musetalk.stages import audio as audio_stage
 from musetalk.stream import pauses
 from musetalk.stream.avatar import Avatar, AvatarMeta, AvatarWriter, avatar_key, cache_root, check_avatar_name, \
     hash_source, load_avatar
+from musetalk.stream.leftovers import Hold, sweep
 from musetalk.stream.paths import check_output_not_input
 from musetalk.config import GenerationConfig, preset
 from musetalk.devices import resolve_device, resolve_dtype
@@ -113,6 +115,9 @@ def prepare_source_frame(frame: np.ndarray, detection: FaceLandmarks, config: Ge
     face_box = apply_extra_margin(box, config.crop.extra_margin, frame.shape[0])
     return SourceFrame(frame, detection.landmarks, face_box, crop_face(frame, face_box),
                        parser_input(frame, face_box, config.blend.expand))
+
+
+TEMP_AVATAR_FOLDER = re.compile(r"musetalk-avatar-[a-z0-9_]{8}")  # mkdtemp's names for avatars prepared unnamed
 
 
 def _in_background(items: Iterable[Any], maxsize: int, name: str) -> Generator[Any, None, None]:
@@ -305,6 +310,7 @@ class MuseTalkPipeline:
         fps = float(frames.fps or config.fps)
         settings = self._avatar_settings(config, fps)
         key = avatar_key(hash_source(source), settings)
+        check_mode(config.blend.parsing_mode)  # before any work
         if name is not None:
             path = cache_root() / "avatars" / check_avatar_name(name)
             existing = None if force else load_avatar(path, key)
@@ -312,13 +318,20 @@ class MuseTalkPipeline:
                 log.info("reusing avatar %s (%d frames)", name, len(existing))
                 return existing
         else:
+            sweep(tempfile.gettempdir(), TEMP_AVATAR_FOLDER)  # what killed runs left (their Avatar held them)
             path = Path(tempfile.mkdtemp(prefix="musetalk-avatar-")) / "avatar"
+        preparing = Hold(path.parent) if name is None else None  # until the Avatar holds it
+        try:
+            landmarker = self.landmarker(config.crop.landmarks)
+            writer = AvatarWriter(path)
+        except BaseException:  # no landmark model, an unwritable cache: no empty temporary folder left either
+            if preparing is not None:
+                preparing.release()
+                shutil.rmtree(path.parent, ignore_errors=True)
+            raise
         bars = ProgressBars() if progress else None
         run = combine(hooks, profiler, bars)
         stage = run.stage
-        check_mode(config.blend.parsing_mode)  # before any work
-        landmarker = self.landmarker(config.crop.landmarks)
-        writer = AvatarWriter(path)
         smoother = _box_smoother(config, fps)  # None: boxes follow each frame's landmarks (the reference)
         batch = max(1, config.runtime.batch_size)
         counts = {"faces": 0, "frames": 0}
@@ -361,6 +374,8 @@ class MuseTalkPipeline:
                 shutil.rmtree(path.parent, ignore_errors=True)
             raise
         finally:
+            if preparing is not None:
+                preparing.release()
             if bars is not None:
                 bars.close()
 

@@ -27,6 +27,7 @@ from typing import Any, Literal
 import numpy as np
 
 from musetalk.errors import InputError, MuseTalkError, StorageError
+from musetalk.stream.leftovers import Hold, sweep
 
 log = logging.getLogger(__name__)
 
@@ -398,6 +399,7 @@ class VideoWriter:
         if audio is not None:
             self._audio = _AudioFeed(Path(audio).expanduser(), _av().codec.Codec("aac", "w").audio_rates)
         self._tmp: Path | None = None
+        self._hold: Hold | None = None  # on the partial file while this run lives
         self._container: Any = None
         self._vstream: Any = None
         self._astream: Any = None
@@ -418,9 +420,14 @@ class VideoWriter:
     # ---- writing ---------------------------------------------------------------------------------------------
     def _open(self, width: int, height: int) -> None:
         av = _av()
-        # A hidden, unique name beside the target (same file system, so the final rename is atomic). FFmpeg creates
-        # it, so it gets the usual umask permissions (tempfile.mkstemp would leave it 0600).
+        # A killed run (SIGKILL: no exit path runs) left its partial file here: removed once nobody holds it.
+        sweep(self.path.parent, re.compile(rf"\.{re.escape(self.path.stem)}\.[0-9a-f]{{12}}\.partial"
+                                           rf"{re.escape(self.path.suffix)}"))
+        # A hidden, unique name beside the target (same file system, so the final rename is atomic), with the usual
+        # umask permissions (tempfile.mkstemp would leave it 0600).
         self._tmp = self.path.with_name(f".{self.path.stem}.{uuid.uuid4().hex[:12]}.partial{self.path.suffix}")
+        self._tmp.touch(exist_ok=False)  # created here to be held from the start (FFmpeg opens it only later)
+        self._hold = Hold(self._tmp)
         self._container = av.open(str(self._tmp), mode="w", format=OUTPUT_FORMATS[self.path.suffix.lower()])
         vs = self._container.add_stream("libx264", rate=self.fps)
         vs.width, vs.height, vs.pix_fmt = width + width % 2, height + height % 2, "yuv420p"
@@ -519,6 +526,7 @@ class VideoWriter:
             self._container.close()
             assert self._tmp is not None
             os.replace(self._tmp, self.path)  # atomic on one file system: readers never see a partial file
+            self._release()
         except BaseException as err:
             self.abort()
             if isinstance(err, (av.FFmpegError, OSError)):
@@ -542,6 +550,12 @@ class VideoWriter:
         if self._tmp is not None:
             self._tmp.unlink(missing_ok=True)
             self._tmp = None
+        self._release()
+
+    def _release(self) -> None:
+        if self._hold is not None:
+            self._hold.release()
+            self._hold = None
 
 
 def _prepend(first: np.ndarray, rest: Iterator[np.ndarray]) -> Iterator[np.ndarray]:

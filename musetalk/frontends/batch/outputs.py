@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import time
 import uuid
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from musetalk.frontends.batch.jobs import BatchJob
+from musetalk.stream.leftovers import Hold, sweep
 
 log = logging.getLogger("musetalk.frontends.batch")  # one logger name for the whole package, as before the split
 
@@ -75,8 +77,11 @@ class _Outputs:
 
     def __init__(self, output_dir: Path, summary: Path | None, progress: bool, total: int) -> None:
         self.dir = output_dir
+        # a batch that was killed (SIGKILL: no exit path runs) left its staging folder: removed once unheld
+        sweep(output_dir, re.compile(re.escape(STAGING_PREFIX) + r"[0-9a-f]{12}"))
         self.staging = output_dir / f"{STAGING_PREFIX}{uuid.uuid4().hex[:12]}"
         self.staging.mkdir()
+        self._hold = Hold(self.staging)
         self.summary_path = summary or output_dir / SUMMARY_NAME
         self.summary_path.parent.mkdir(parents=True, exist_ok=True)
         self._summary = open(self.summary_path, "w", encoding="utf-8")
@@ -127,6 +132,7 @@ class _Outputs:
         for _ in range(20):
             shutil.rmtree(self.staging, ignore_errors=True)
             if not self.staging.exists():
+                self._hold.release()
                 return
             time.sleep(0.5)
         log.warning("could not remove the staging folder %s", self.staging)

@@ -35,14 +35,18 @@ class BatchWorker:
 
     def __init__(self, models: str | None, config: GenerationConfig) -> None:
         import socket
+        import re
         import tempfile
 
+        from musetalk.stream.leftovers import Hold, sweep
         from musetalk.stream.pipeline import MuseTalkPipeline
 
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.error: str | None = None
         self.runner: JobRunner | None = None
+        sweep(tempfile.gettempdir(), re.compile(r"musetalk-batch-worker-[a-z0-9_]{8}"))  # of killed workers
         self.tmp = Path(tempfile.mkdtemp(prefix="musetalk-batch-worker-"))
+        self._hold = Hold(self.tmp)
         self._inputs: dict[str, Path] = {}
         try:
             pipe = MuseTalkPipeline.from_pretrained(models, version=config.version, device=config.runtime.device,
@@ -92,6 +96,7 @@ class BatchWorker:
     def close(self) -> None:
         """Remove this worker's temp folder (called by the driver at the end of a batch)."""
         shutil.rmtree(self.tmp, ignore_errors=True)
+        self._hold.release()
 
 
 def _pack_input(path: Path) -> dict[str, Any]:

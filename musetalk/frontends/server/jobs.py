@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -17,6 +18,7 @@ from typing import IO, TYPE_CHECKING, Any, cast
 from musetalk.config import GenerationConfig, preset
 from musetalk.errors import Cancelled, InputError, MuseTalkError, WeightsError
 from musetalk.hooks import Hooks
+from musetalk.stream.leftovers import Hold, sweep
 from musetalk.frontends.server.errors import ApiError, JobCancelled, http_error, redact
 from musetalk.frontends.server.settings import RESULT_NAME, JobState, Loader, ServerSettings
 from musetalk.frontends.server.uploads import check_media_limits, store_upload
@@ -112,6 +114,7 @@ class GenerationService:
         self._durations: collections.deque[float] = collections.deque(maxlen=8)
         self._worker: threading.Thread | None = None
         self.root: Path | None = None
+        self._root_hold: Hold | None = None
         self.started_at = time.time()
 
     # -- life cycle ---------------------------------------------------------------------------------------------
@@ -122,7 +125,10 @@ class GenerationService:
         self.default_pipeline()
         if self.settings.work_dir is not None:
             Path(self.settings.work_dir).mkdir(parents=True, exist_ok=True)
+        # a server that was killed (SIGKILL, OOM) left its folder of uploads and results: removed once unheld
+        sweep(self.settings.work_dir or tempfile.gettempdir(), re.compile(r"musetalk-server-[a-z0-9_]{8}"))
         self.root = Path(tempfile.mkdtemp(prefix="musetalk-server-", dir=self.settings.work_dir))
+        self._root_hold = Hold(self.root)
         self._worker = threading.Thread(target=self._work, name="musetalk-worker", daemon=True)
         self._worker.start()
         log.info("worker started; temporary files in %s", self.root)
@@ -157,6 +163,8 @@ class GenerationService:
                 worker.join(timeout=60)
         if self.root is not None:
             shutil.rmtree(self.root, ignore_errors=True)
+        if self._root_hold is not None:
+            self._root_hold.release()
         log.info("server stopped; %s removed", self.root)
 
     @property
