@@ -126,3 +126,26 @@ def test_cheek_widths_change_jaw_mask():
 def test_bad_mode_names_valid_values():
     with pytest.raises(InputError, match="raw, jaw, neck"):
         face_mask(_face_map(), "mouth")
+
+
+def test_parse_batch_gives_each_images_map_image_by_image_on_the_cpu(golden_parser: FaceParser) -> None:
+    """On the CPU image by image is faster and holds one image's activations: the network sees batches of one
+    there; the maps are those of ``parse`` either way."""
+    rng = np.random.default_rng(3)
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((300, 280), (512, 512), (97, 130))]
+    batched = FaceParser(golden_parser.net, torch.device("cpu"), torch.float32, one_image_at_a_time=False)
+    seen: list[int] = []
+    hook = golden_parser.net.cp.resnet.conv1.register_forward_hook(lambda _m, args, _o: seen.append(args[0].shape[0]))
+    try:
+        assert golden_parser.one_image_at_a_time  # the default on the CPU
+        one_by_one = golden_parser.parse_batch(images)
+        assert seen == [1, 1, 1]
+        seen.clear()
+        together = batched.parse_batch(images)
+        assert seen == [3]
+    finally:
+        hook.remove()
+    expected = np.stack([golden_parser.parse(image) for image in images])
+    assert one_by_one.shape == (3, 512, 512) and np.array_equal(one_by_one, expected)
+    assert (together != expected).mean() < 1e-4  # batched rounding may flip a class on an exact tie
+    assert golden_parser.parse_batch([]).shape == (0, 512, 512)

@@ -225,7 +225,11 @@ def to_parser_input(image_rgb: np.ndarray | Image.Image) -> torch.Tensor:
 class FaceParser:
     """BiSeNet face parser built from ``face-parse-bisent/79999_iter.pth``."""
 
-    def __init__(self, net: BiSeNet, device: torch.device, dtype: torch.dtype, fingerprint: str | None = None) -> None:
+    def __init__(self, net: BiSeNet, device: torch.device, dtype: torch.dtype, fingerprint: str | None = None,
+                 one_image_at_a_time: bool | None = None) -> None:
+        """one_image_at_a_time: ``parse_batch`` runs the network image by image; None: on the CPU only. There it is
+        faster (8 crops: 1.5 s vs 2.2 s) and skips 0.25 GB of activations; a GPU needs the batch to be busy."""
+        self.one_image_at_a_time = device.type == "cpu" if one_image_at_a_time is None else one_image_at_a_time
         self.net = net
         self.fingerprint = fingerprint  # identity of the weights file (None: built in memory)
         self.device = device
@@ -251,13 +255,16 @@ class FaceParser:
 
     @torch.inference_mode()
     def parse_batch(self, images_rgb: Sequence[np.ndarray | Image.Image]) -> np.ndarray:
-        """Several (H, W, 3) uint8 RGB images (any sizes) -> (B, 512, 512) uint8 class maps in one network call.
+        """Several (H, W, 3) uint8 RGB images (any sizes) -> (B, 512, 512) uint8 class maps, in one network call
+        (image by image when ``one_image_at_a_time``).
 
         Each image is resized to 512x512 on its own; the maps equal ``parse`` of each image up to the rounding of a
         batched convolution (logits within ~1e-7 in fp32: a class flips only on an exact tie).
         """
         if len(images_rgb) == 0:
             return np.zeros((0, PARSE_SIZE, PARSE_SIZE), np.uint8)
+        if self.one_image_at_a_time:
+            return np.stack([self.parse(image) for image in images_rgb])
         x = torch.cat([to_parser_input(image) for image in images_rgb]).to(self.device, self.dtype)
         return self.net.segment(x).argmax(1).to(torch.uint8).cpu().numpy()
 
