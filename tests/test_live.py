@@ -206,9 +206,8 @@ def server(pipe: MuseTalkPipeline, tmp_path_factory: pytest.TempPathFactory):
     from musetalk.frontends.server.cli import bind_socket
 
     work = tmp_path_factory.mktemp("live-server")
-    app = create_app(pipe, ServerSettings(work_dir=work, max_audio_seconds=60))
-    app.state.live.settings.idle_timeout_s = 5
-    app.state.live.settings.start_timeout_s = 5
+    app = create_app(pipe, ServerSettings(work_dir=work, max_audio_seconds=60, live_idle_timeout_s=5,
+                                          live_start_timeout_s=5))
     sock = bind_socket("127.0.0.1", 0)
     port = sock.getsockname()[1]
     uv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))

@@ -73,6 +73,10 @@ def test_serve_flags_come_from_server_settings(monkeypatch: pytest.MonkeyPatch) 
     assert settings.max_upload_bytes == 2 * MiB and isinstance(settings.max_upload_bytes, int)
     assert (settings.queue_size, settings.default_version, settings.result_ttl_s) == (9, "v1", 5.0)
     assert settings.max_source_frames == 10
+    live = _settings(parser.parse_args(["--live-max-sessions", "2", "--live-max-chunk-mb", "1", "--max-avatars", "3",
+                                        "--live-idle-timeout", "7.5"]))
+    assert (live.live_max_sessions, live.live_max_chunk_bytes, live.max_avatars) == (2, MiB, 3)
+    assert live.live_idle_timeout_s == 7.5
     from musetalk.errors import InputError
 
     with pytest.raises(InputError, match="--queue-size must be at least 1"):

@@ -15,8 +15,8 @@ Protocol (docs/api.md has the full text):
   errors -> {"type": "error", "error": code, "message", "fix"} then a close code 4000 + the HTTP-like status
             (4400 bad request, 4404 unknown avatar, 4408 timeout, 4413 too large, 4429 busy, 4500, 4503).
 
-One live session per server at a time (``LiveServerSettings.max_sessions``): the model thread of a session needs
-the device to itself to keep up with speech; another client gets ``busy`` at once. Jobs of POST /generate keep
+One live session per server at a time (``ServerSettings.live_max_sessions``, ``--live-max-sessions``): the model
+thread of a session needs the device to itself to keep up with speech; another client gets ``busy`` at once. Jobs of POST /generate keep
 running on their worker meanwhile (they share the device, and slow the session down).
 """
 
@@ -43,7 +43,7 @@ from musetalk.frontends.server.avatars import AVATAR_ID_PATTERN, AvatarStore, Se
 from musetalk.frontends.server.errors import ApiError, http_error
 from musetalk.frontends.server.schemas import _errors
 from musetalk.frontends.options import FORM_INT_BOUND, overrides_from, with_form_settings
-from musetalk.frontends.server.settings import MiB
+from musetalk.frontends.server.settings import ServerSettings
 
 if TYPE_CHECKING:
     from musetalk.frontends.server.jobs import GenerationService
@@ -54,19 +54,6 @@ SAMPLE_RATE = 16_000  # Whisper's rate; the server does not resample a stream
 FORMATS: dict[str, np.dtype] = {"pcm_s16le": np.dtype("<i2"), "pcm_f32le": np.dtype("<f4")}
 OPTION_KEYS = {"lookahead_ms", "batch_size", "late_after_ms", "image_format", "jpeg_quality", "coalesce"}
 START_KEYS = {"type", "sample_rate", "format", "channels", "fps", "options"}
-
-
-@dataclass
-class LiveServerSettings:
-    """Limits of the live endpoint (``app.state.live.settings``)."""
-
-    max_sessions: int = 1  # live sessions at once; more get "busy"
-    max_avatars: int = 16  # prepared avatars held; more get 429
-    start_timeout_s: float = 10.0  # connect -> start message
-    idle_timeout_s: float = 30.0  # longest wait for the next client message once started
-    max_chunk_bytes: int = 4 * MiB  # one audio message (~131 s of pcm_s16le)
-    default_lookahead_ms: float = 200.0
-    default_jpeg_quality: int = 85
 
 
 class LiveError(MuseTalkError):
@@ -101,9 +88,9 @@ class StartRequest:
 class LiveService:
     """Avatar store + live session slots + the WebSocket loop. One per app (``app.state.live``)."""
 
-    def __init__(self, service: "GenerationService", settings: LiveServerSettings | None = None) -> None:
+    def __init__(self, service: "GenerationService") -> None:
         self.service = service
-        self.settings = settings or LiveServerSettings()
+        self.settings = service.settings  # the live_* fields and max_avatars
         self.avatars = AvatarStore(service, self.settings.max_avatars)
         self._lock = threading.Lock()
         self._sessions: dict[str, "LiveSession | None"] = {}  # id -> session (None while starting)
@@ -114,9 +101,9 @@ class LiveService:
         with self._lock:
             if self._closing:
                 raise LiveError(503, "shutting_down", "the server is shutting down", "retry when it is back")
-            if len(self._sessions) >= self.settings.max_sessions:
+            if len(self._sessions) >= self.settings.live_max_sessions:
                 raise LiveError(429, "busy", f"{len(self._sessions)} live session(s) already running on this "
-                                f"server (the limit is {self.settings.max_sessions})",
+                                f"server (the limit is {self.settings.live_max_sessions})",
                                 "retry when it has ended, or use another server")
             session_id = uuid.uuid4().hex
             self._sessions[session_id] = None
@@ -176,8 +163,8 @@ class LiveService:
                 self.avatars.release(record)
 
     async def _receive_start(self, ws: WebSocket, record: ServerAvatar) -> StartRequest:
-        message = await _receive(ws, self.settings.start_timeout_s, LiveError(
-            408, "start_timeout", f"no start message within {self.settings.start_timeout_s:g} s",
+        message = await _receive(ws, self.settings.live_start_timeout_s, LiveError(
+            408, "start_timeout", f"no start message within {self.settings.live_start_timeout_s:g} s",
             'send {"type": "start", "sample_rate": 16000, "format": "pcm_s16le"} first'))
         return parse_start(message.get("text"), record, self.settings, self.service.settings.max_batch_size)
 
@@ -235,8 +222,8 @@ class LiveService:
         received = 0
         width = start.format.itemsize
         while True:
-            message = await _receive(ws, self.settings.idle_timeout_s, LiveError(
-                408, "idle_timeout", f"no audio for {self.settings.idle_timeout_s:g} s",
+            message = await _receive(ws, self.settings.live_idle_timeout_s, LiveError(
+                408, "idle_timeout", f"no audio for {self.settings.live_idle_timeout_s:g} s",
                 'send audio continuously (silence is fine) and {"type": "end"} at the end'))
             data = message.get("bytes")
             if data is None:
@@ -250,9 +237,9 @@ class LiveService:
                     return
                 raise LiveError(400, "bad_message", f"unexpected text message {text[:80]!r}",
                                 'send audio as binary messages and {"type": "end"} at the end')
-            if len(data) > self.settings.max_chunk_bytes:
+            if len(data) > self.settings.live_max_chunk_bytes:
                 raise LiveError(413, "chunk_too_large", f"an audio message of {len(data)} bytes is over the "
-                                f"limit of {self.settings.max_chunk_bytes}", "send smaller chunks (20-200 ms)")
+                                f"limit of {self.settings.live_max_chunk_bytes}", "send smaller chunks (20-200 ms)")
             if len(data) % width:
                 raise LiveError(400, "bad_chunk", f"an audio message of {len(data)} bytes is not a whole number "
                                 f"of {start.format.name} samples ({width} bytes each)",
@@ -269,7 +256,7 @@ class LiveService:
             await run_in_threadpool(session.feed, samples)
 
 
-def parse_start(text: str | None, record: ServerAvatar, settings: LiveServerSettings,
+def parse_start(text: str | None, record: ServerAvatar, settings: ServerSettings,
                 max_batch_size: int) -> StartRequest:
     """Check a start message; LiveError 400 (with what to send instead) for anything off."""
     fix = 'e.g. {"type": "start", "sample_rate": 16000, "format": "pcm_s16le", "channels": 1}'
@@ -301,7 +288,7 @@ def parse_start(text: str | None, record: ServerAvatar, settings: LiveServerSett
     if not isinstance(options, dict) or set(options) - OPTION_KEYS:
         raise LiveError(400, "bad_start", f"options must be an object with keys among {', '.join(sorted(OPTION_KEYS))}",
                         fix)
-    lookahead = options.get("lookahead_ms", settings.default_lookahead_ms)
+    lookahead = options.get("lookahead_ms", settings.live_lookahead_ms)
     if lookahead == "exact":
         lookahead_s = None
     elif isinstance(lookahead, (int, float)) and not isinstance(lookahead, bool) and 0 <= lookahead <= 30_000:
@@ -315,7 +302,7 @@ def parse_start(text: str | None, record: ServerAvatar, settings: LiveServerSett
     if late is not None and not (isinstance(late, (int, float)) and late > 0):
         raise LiveError(400, "bad_start", f"late_after_ms {late!r} must be a positive number", fix)
     image = options.get("image_format", "jpeg")
-    quality = options.get("jpeg_quality", settings.default_jpeg_quality)
+    quality = options.get("jpeg_quality", settings.live_jpeg_quality)
     if image not in ("jpeg", "png") or not (isinstance(quality, int) and 1 <= quality <= 100):
         raise LiveError(400, "bad_start", "image_format must be jpeg or png, jpeg_quality 1..100", fix)
     return StartRequest(FORMATS[fmt], lookahead_s, batch, None if late is None else late / 1e3, image, quality,
@@ -365,10 +352,10 @@ async def _send_error(ws: WebSocket, exc: LiveError) -> None:
 
 
 # -- routes -------------------------------------------------------------------------------------------------------
-def add_live_routes(app: FastAPI, service: "GenerationService",
-                    settings: LiveServerSettings | None = None) -> LiveService:
-    """Register /avatars (POST, GET, GET {id}, DELETE {id}) and the /avatars/{id}/live WebSocket."""
-    live = LiveService(service, settings)
+def add_live_routes(app: FastAPI, service: "GenerationService") -> LiveService:
+    """Register /avatars (POST, GET, GET {id}, DELETE {id}) and the /avatars/{id}/live WebSocket; limits from the
+    service's :class:`ServerSettings` (``live_*``, ``max_avatars``)."""
+    live = LiveService(service)
 
     @app.post("/avatars", status_code=201, summary="Prepare an avatar from a source, for live sessions",
               responses=_errors(413, 415, 422, 429, 503))
@@ -387,7 +374,7 @@ def add_live_routes(app: FastAPI, service: "GenerationService",
     def list_avatars() -> dict[str, Any]:
         """Every avatar this server holds, oldest first, and the live sessions running."""
         return {"avatars": [r.describe() for r in live.avatars.list()], "live_sessions": live.active(),
-                "max_live_sessions": live.settings.max_sessions}
+                "max_live_sessions": live.settings.live_max_sessions}
 
     @app.get("/avatars/{avatar_id}", summary="One prepared avatar", responses=_errors(404, 422))
     def get_avatar(avatar_id: str = PathParam(..., pattern=AVATAR_ID_PATTERN)) -> dict[str, Any]:

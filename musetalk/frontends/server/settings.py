@@ -60,3 +60,19 @@ class ServerSettings:
     work_dir: Path | None = server_option(None, "where the temporary folder goes (default: the system temp folder)")
     shutdown_grace_s: float = server_option(60.0, "seconds a running job may finish on shutdown, then it is "
                                             "cancelled", flag="--shutdown-grace", minimum=0)
+    # Live mode (/avatars and the /avatars/{id}/live WebSocket)
+    live_max_sessions: int = server_option(1, "live sessions at once; one more gets a busy answer (429). A session "
+                                           "keeps a model thread busy: more than one only where the device has room",
+                                           minimum=1)
+    max_avatars: int = server_option(16, "prepared avatars the server holds for live sessions (then 429)", minimum=1)
+    live_start_timeout_s: float = server_option(10.0, "seconds from a live connection to its start message (then the "
+                                                "socket closes with 4408)", flag="--live-start-timeout", minimum=0)
+    live_idle_timeout_s: float = server_option(30.0, "longest wait for the next message of a started live session "
+                                               "(then 4408)", flag="--live-idle-timeout", minimum=0)
+    live_max_chunk_bytes: int = server_option(4 * MiB, "largest audio message of a live session (4 MiB: ~131 s of "
+                                              "16-bit PCM; then 4413)", flag="--live-max-chunk-mb", unit=MiB,
+                                              minimum=0)
+    live_lookahead_ms: float = server_option(200.0, "audio look-ahead of a live session whose start message names "
+                                             "none (more: closer to the offline frames, later)", minimum=0)
+    live_jpeg_quality: int = server_option(85, "JPEG quality of live frames when the start message names none",
+                                           minimum=1)
