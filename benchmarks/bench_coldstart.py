@@ -249,6 +249,7 @@ def markdown(all_results: dict[str, dict], models: Path) -> str:
                 f"| {run['cold_total_s']:.0f} s vs {run['model_work_s']:.0f} s (**{run['cold_ratio']:.2f}×**) | {warm} |")
     last = next(reversed(all_results.values()))
     load = next(iter(last["machine"]["load_average_1_5_15"]), 0.0)
+    busy = " (other jobs shared the machine: absolute times are pessimistic and noisy)" if load > 1.5 else ""
     stages = "\n\n".join(f"**{label}, {dtype}** (cold run):\n\n{r['run']['profile_markdown']}"
                          for label, data in all_results.items() for dtype, r in data["results"].items())
     return f"""## d. Cold start (issue #16): load, peak memory, preparation overhead
@@ -256,8 +257,16 @@ def markdown(all_results: dict[str, dict], models: Path) -> str:
 `python -m benchmarks.bench_coldstart` (and `--code <old checkout> --label before`) — full-size architecture,
 random weights in the official layout (UNet 3.4 GB fp32 `.pth`), 720p 2 s source (50 frames) + 3 s speech
 (75 output frames), batch 8, CPU, dlib landmarks. Each cell is one run in a fresh process; the load average
-was {load:.1f} on 2 cores at the start of the last run (other jobs shared the machine), so absolute times are
-pessimistic and noisy; the ratios compare work measured in the same process.
+was {load:.1f} on 2 cores at the start of the last run{busy}; the ratios compare work measured in the same process.
+
+As reported in issue #16 for the code before this work (same inputs, on a CPU with AMX, where bf16 runs 3-5x
+faster than here: compare its memory and ratios with ours, not its times; `--code <old checkout> --label before`
+measures the old code on this machine, rows "before" below):
+
+| code | dtype | load | peak RSS | RSS after load | preparation (50 source frames) | generation (75 frames) | total |
+|---|---|---|---|---|---|---|---|
+| issue | fp32 | 12.7 s | 7.46 GB | 4.34 GB | 137 s (2.76 s/frame) | 203 s | 370 s |
+| issue | bf16 | 18.3 s | 7.29 GB | 2.76 GB | 78 s (1.56 s/frame) | 57 s | 159 s |
 
 | code | dtype | load warm / cold cache | imports (apart) | load: peak / after RSS | cold run peak RSS (target) | prep per source frame vs its models alone | cold end to end vs model work | warm run, cached avatar |
 |---|---|---|---|---|---|---|---|---|
