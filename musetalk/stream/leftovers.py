@@ -39,10 +39,11 @@ class Hold:
             return
         fd = os.open(path, os.O_RDONLY)
         try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # shared: several holders may share one entry
+            # shared: several holders may share one entry. Blocking: a sweep's exclusive check lasts microseconds
+            fcntl.flock(fd, fcntl.LOCK_SH)
         except OSError:
             os.close(fd)
-            return
+            raise
         self._fd = fd
 
     def release(self) -> None:
