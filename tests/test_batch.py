@@ -201,22 +201,29 @@ def test_local_batch_prepares_the_shared_source_once(local_run: dict) -> None:
 
 def test_ctrl_c_cancels_and_leaves_no_partial_file(inputs: Path, tiny_models: Path, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from musetalk.hooks import Hooks
+
     monkeypatch.setenv("MUSETALK_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "out"
+    running: dict = {}
 
-    def interrupt_when_encoding(event: batch.JobStarted) -> None:
-        def watch() -> None:
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline and not any(event.staged.parent.glob("*")):
-                time.sleep(0.02)
-            os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, delivered to the main thread
+    def started(event: batch.JobStarted) -> None:
+        running.update(row=event.row, staged=event.staged, frames=0)
 
-        if event.row == 2:
-            threading.Thread(target=watch, daemon=True).start()
+    class CtrlCWhileEncoding(Hooks):
+        """A real Ctrl-C at a known point, not after a race with a watcher thread (a 10-frame job can finish before
+        a busy machine schedules one): at row 2's third frame, when its first two are in the partial file. Local
+        jobs run in this (the main) thread, which the signal interrupts."""
+
+        def frame_done(self) -> None:
+            running["frames"] += 1
+            if running["row"] == 2 and running["frames"] == 3:
+                assert any(running["staged"].parent.glob("*")), "row 2 is being written"
+                os.kill(os.getpid(), signal.SIGINT)
 
     with pytest.raises(KeyboardInterrupt):
         batch.run(inputs / "jobs.csv", out, config=preset("v15", device="cpu", dtype="fp32"), models=tiny_models,
-                  skip_invalid=True, progress=False, on_job_start=interrupt_when_encoding)
+                  skip_invalid=True, progress=False, on_job_start=started, hooks=CtrlCWhileEncoding())
     assert not list(out.glob("*.mp4")) and not _hidden(out)
     states = {row: records[0]["state"] for row, records in _summary(out / "summary.jsonl").items()}
     assert states == {2: "cancelled", 3: "cancelled", 4: "cancelled", 5: "invalid"}
