@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from musetalk.stages.audio import load_audio
 from musetalk.errors import InputError, MuseTalkError, NoFaceError
@@ -299,43 +297,10 @@ def test_prepare_reader_thread_errors_surface_and_leave_nothing(pipe: MuseTalkPi
     config = pipe.default_config(batch_size=2)
     failing = Failing(pipe.landmarker(config.crop.landmarks))
     broken = MuseTalkPipeline(pipe.audio_encoder, pipe.vae, pipe.unet, pipe.parser,
-                              landmarker_factory=lambda _name: failing, prepare_in_threads=True)
+                              landmarker_factory=lambda _name: failing)
     before = set(threading.enumerate())
     with pytest.raises(RuntimeError, match="detector crashed"):
         broken.prepare_avatar(short_clip, config, name="broken")
     assert failing.threads == {"musetalk-avatar-reader"}
     assert list((tmp_path / "cache" / "avatars").iterdir()) == []  # neither the avatar nor its temporary folder
     assert [t.name for t in set(threading.enumerate()) - before if t.name.startswith("musetalk-avatar")] == []
-
-
-def test_preparation_runs_in_helper_threads_only_where_cores_are_spare(pipe: MuseTalkPipeline, short_clip: Path,
-                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    """Where torch's threads fill every core of the CPU running the models, helper threads would only preempt them:
-    preparation then runs in the calling thread, and stores the same avatar."""
-    import threading
-
-    def pipeline(**kwargs) -> tuple[MuseTalkPipeline, set[str]]:
-        threads: set[str] = set()
-        inner = pipe.landmarker("dlib")
-
-        class Recording:
-            def detect(self, frame: np.ndarray):
-                threads.add(threading.current_thread().name)
-                return inner.detect(frame)
-
-        return MuseTalkPipeline(pipe.audio_encoder, pipe.vae, pipe.unet, pipe.parser,
-                                landmarker_factory=lambda _name: Recording(), **kwargs), threads
-
-    monkeypatch.setattr(os, "cpu_count", lambda: torch.get_num_threads())
-    serial, serial_threads = pipeline()
-    assert not serial.prepare_in_threads
-    monkeypatch.setattr(os, "cpu_count", lambda: torch.get_num_threads() + 2)
-    assert pipeline()[0].prepare_in_threads
-    threaded, threaded_threads = pipeline(prepare_in_threads=True)
-    config = pipe.default_config(batch_size=2)
-    with serial.prepare_avatar(short_clip, config) as one, threaded.prepare_avatar(short_clip, config) as other:
-        assert serial_threads == {threading.current_thread().name}
-        assert threaded_threads == {"musetalk-avatar-reader"}
-        assert len(one) == len(other) and np.array_equal(one.latents, other.latents)
-        assert np.array_equal(one.face_boxes, other.face_boxes)
-        assert all(np.array_equal(one.mask(i), other.mask(i)) for i in range(len(one)) if one.has_face[i])

@@ -197,12 +197,7 @@ class MuseTalkPipeline:
 
     def __init__(self, audio_encoder: AudioEncoder, vae: VAE | MLXVAE, unet: UNet | MLXUNet, parser: FaceParser, *,
                  version: str = "v15", models_dir: Path | None = None,
-                 landmarker_factory: Callable[[str], LandmarkBackend] | None = None,
-                 prepare_in_threads: bool | None = None) -> None:
-        """prepare_in_threads: decode + landmarks and the avatar's disk writes run in helper threads beside the
-        models during ``prepare_avatar``. None: unless torch's threads already fill every core of the CPU the
-        models run on; there the helpers only preempt them (2 cores, bf16: parsing and VAE encode 20-30 % slower
-        inside the run than alone, preparation 1.24x its models against 1.16x serial)."""
+                 landmarker_factory: Callable[[str], LandmarkBackend] | None = None) -> None:
         self.audio_encoder = audio_encoder
         self.vae = vae
         self.unet = unet
@@ -214,10 +209,6 @@ class MuseTalkPipeline:
         self._landmarker_factory = landmarker_factory
         self._landmarkers: dict[str, LandmarkBackend] = {}
         self._vad: SileroVAD | None = None  # voice-activity detector (silence handling), built on first use
-        if prepare_in_threads is None:
-            models_on_cpu_cores = self.device.type == "cpu" and getattr(unet, "backend", "torch") == "torch"
-            prepare_in_threads = not models_on_cpu_cores or torch.get_num_threads() < (os.cpu_count() or 1)
-        self.prepare_in_threads = prepare_in_threads
 
     @classmethod
     def from_pretrained(cls, models_dir: str | os.PathLike | None = None, version: str = "v15",
@@ -347,16 +338,13 @@ class MuseTalkPipeline:
         size = [0, 0]  # (width, height) of the source frames
         total = frames.num_frames or None
         # 1. decode + landmarks + crops in a thread, 2. parser + VAE here, in batches, 3. disk writes in a thread:
-        # the CPU work overlaps the model work as in `stream` (bounded queues: memory stays flat in the length);
-        # without prepare_in_threads the same steps run one after the other
+        # the CPU work overlaps the model work as in `stream` (bounded queues: memory stays flat in the length)
         disk = ThreadPoolExecutor(max_workers=1, thread_name_prefix="musetalk-avatar-writer")
         pending: deque[Future] = deque()
         try:
             run.progress("prepare", 0, total)
-            items: Generator[SourceFrame, None, None] = self._source_items(frames, landmarker, config, stage,
-                                                                           smoother, run)
-            if self.prepare_in_threads:
-                items = _in_background(items, maxsize=2 * batch, name="musetalk-avatar-reader")
+            items = _in_background(self._source_items(frames, landmarker, config, stage, smoother, run),
+                                   maxsize=2 * batch, name="musetalk-avatar-reader")
             try:
                 for chunk in _chunks(items, batch):
                     check_cancelled(run)
@@ -365,8 +353,7 @@ class MuseTalkPipeline:
                     counts["frames"] += len(chunk)
                     counts["faces"] += sum(item.face_box is not None for item in chunk)
                     pending.append(disk.submit(_write_chunk, writer, chunk, masks, latents))
-                    # at most two chunks of frames waiting for the disk (none: written before the next chunk)
-                    while len(pending) > (2 if self.prepare_in_threads else 0):
+                    while len(pending) > 2:  # at most two chunks of frames waiting for the disk
                         pending.popleft().result()
                     run.progress("prepare", counts["frames"], total)
             finally:
@@ -394,8 +381,7 @@ class MuseTalkPipeline:
 
     @staticmethod
     def _source_items(frames: Iterable[np.ndarray], landmarker: LandmarkBackend, config: GenerationConfig,
-                      stage: Stage, smoother: BoxSmoother | None, run: RunHooks
-                      ) -> Generator[SourceFrame, None, None]:
+                      stage: Stage, smoother: BoxSmoother | None, run: RunHooks) -> Iterator[SourceFrame]:
         """Per source frame, landmarks then :func:`prepare_source_frame` (crop box, VAE crop, parser crop)."""
         for frame in frames:
             check_cancelled(run)
