@@ -204,6 +204,9 @@ def test_ctrl_c_cancels_and_leaves_no_partial_file(inputs: Path, tiny_models: Pa
     from musetalk.hooks import Hooks
 
     monkeypatch.setenv("MUSETALK_CACHE", str(tmp_path / "cache"))
+    # Python's own Ctrl-C handler, as in a terminal: a suite started in the background by a non-interactive shell
+    # (`cmd &`) inherits SIGINT ignored, and Python then installs no handler for it
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     out = tmp_path / "out"
     running: dict = {}
 
@@ -212,9 +215,9 @@ def test_ctrl_c_cancels_and_leaves_no_partial_file(inputs: Path, tiny_models: Pa
 
     class CtrlCWhileEncoding(Hooks):
         """A real Ctrl-C at a known point, not after a race with a watcher thread (a 10-frame job can finish before
-        a busy machine schedules one): at row 2's third frame, once its partial file exists (the encoder opens it
-        in its own thread; an exception raised here would only fail the row). Local jobs run in this (the main)
-        thread, which the signal interrupts."""
+        a busy machine schedules one): at row 2's third frame, once its partial file exists (waited for, not
+        asserted: an exception raised here would only fail the row). Local jobs run in this (the main) thread,
+        which the signal interrupts."""
 
         def frame_done(self) -> None:
             running["frames"] += 1
@@ -224,9 +227,13 @@ def test_ctrl_c_cancels_and_leaves_no_partial_file(inputs: Path, tiny_models: Pa
                     time.sleep(0.01)
                 os.kill(os.getpid(), signal.SIGINT)
 
-    with pytest.raises(KeyboardInterrupt):
-        batch.run(inputs / "jobs.csv", out, config=preset("v15", device="cpu", dtype="fp32"), models=tiny_models,
-                  skip_invalid=True, progress=False, on_job_start=started, hooks=CtrlCWhileEncoding())
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            batch.run(inputs / "jobs.csv", out, config=preset("v15", device="cpu", dtype="fp32"),
+                      models=tiny_models, skip_invalid=True, progress=False, on_job_start=started,
+                      hooks=CtrlCWhileEncoding())
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert not list(out.glob("*.mp4")) and not _hidden(out)
     states = {row: records[0]["state"] for row, records in _summary(out / "summary.jsonl").items()}
     assert states == {2: "cancelled", 3: "cancelled", 4: "cancelled", 5: "invalid"}
