@@ -296,6 +296,43 @@ def test_signal_handlers_turn_stop_signals_into_a_clean_interrupt() -> None:
     assert signals.exit_status(KeyboardInterrupt()) == 130
 
 
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGINT"])
+def test_a_signal_whose_exception_was_swallowed_still_stops_the_run(name: str, media: Path, dirs: SimpleNamespace,
+                                                                    tiny_models: Path) -> None:
+    """A handler raises wherever the main thread is; extension code (PyAV's error check during an encode) can drop
+    that exception, and the run went on to commit its output. The recorded signal is raised again at the next frame
+    by the hooks the front ends hand in."""
+    from musetalk.frontends import signals
+    from musetalk.stream.pipeline import MuseTalkPipeline
+
+    pipe = MuseTalkPipeline.from_pretrained(tiny_models, device="cpu", dtype="fp32")
+    signum = SIGNALS[name]
+
+    class SwallowedAtFrame3(signals.StopSignalHooks):
+        frames = 0
+
+        def frame_done(self) -> None:
+            self.frames += 1
+            if self.frames == 3:
+                try:  # what the extension did: the handler's exception raised, then dropped
+                    os.kill(os.getpid(), signum)
+                    time.sleep(1)
+                except KeyboardInterrupt:
+                    pass
+
+    hooks = SwallowedAtFrame3()
+    output = dirs.out / "out.mp4"
+    with signals.stop_signals_as_interrupt():
+        with pytest.raises(KeyboardInterrupt) as info:
+            pipe.generate(media / "face.png", media / "long.wav", output, hooks=hooks)
+        assert signals.exit_status(info.value) == 128 + signum
+    assert hooks.frames == 3, "stopped at the next frame"
+    assert list(dirs.out.iterdir()) == []
+    with signals.stop_signals_as_interrupt():  # a new block starts with no signal received
+        signals.raise_if_stopped()
+        assert signals.StopSignalHooks().cancelled() is False
+
+
 GENERATE_POINTS = [  # (where, signal): each signal at two points, each point with two signals
     ("preparing", "SIGTERM"), ("preparing", "SIGHUP"), ("generating", "SIGHUP"), ("generating", "SIGINT"),
     ("encoding", "SIGTERM"), ("encoding", "SIGINT"),

@@ -48,6 +48,7 @@ def _pipeline(args: argparse.Namespace, config: GenerationConfig | None = None,
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from musetalk.frontends.signals import StopSignalHooks
     from musetalk.stream.pipeline import MuseTalkPipeline
 
     config = _config(args)
@@ -61,7 +62,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     with (profiler if profiler is not None else _null()):
         pipe = _pipeline(args, config, hooks=profiler)
         result = pipe.generate(args.source, args.audio, args.output, config, avatar=args.avatar,
-                               progress=not args.quiet, hooks=profiler)
+                               progress=not args.quiet, hooks=StopSignalHooks(), profiler=profiler)
     if profiler is not None:
         report = profiler.report(meta={"command": "generate", "version": config.version, "dtype": str(pipe.dtype),
                                         "batch_size": config.runtime.batch_size, "source": str(args.source)})
@@ -83,12 +84,14 @@ class _null:
 def cmd_avatar(args: argparse.Namespace) -> int:
     import shutil
 
+    from musetalk.frontends.signals import StopSignalHooks
     from musetalk.stream.avatar import cache_root, check_avatar_name, list_avatars
 
     if args.avatar_cmd == "prepare":
         config = _config(args)
         pipe = _pipeline(args, config)
-        avatar = pipe.prepare_avatar(args.source, config, name=args.name, force=args.force, progress=True)
+        avatar = pipe.prepare_avatar(args.source, config, name=args.name, force=args.force, progress=True,
+                                     hooks=StopSignalHooks())
         print(f"avatar {args.name}: {len(avatar)} frames, {avatar.meta.faces} with a face -> {avatar.path}")
         if avatar.meta.faces:
             from musetalk.stages.faces.crop import bbox_shift_range

@@ -9,7 +9,14 @@ so the same cleanup runs; the command then exits with ``128 + signal`` (:func:`e
 process killed by that signal. The block also ignores SIGXFSZ (see FILE_SIZE_SIGNAL).
 
 Only the first signal raises: a second SIGTERM while the cleanup runs must not interrupt that cleanup (a supervisor
-that loses patience sends SIGKILL, which no handler sees anyway). SIGINT keeps Python's own handler.
+that loses patience sends SIGKILL, which no handler sees anyway). SIGINT raises KeyboardInterrupt as Python's own
+handler does, every time.
+
+A handler's exception can be lost. Python runs the handler at the next bytecode of the main thread, wherever that
+is, and some extension code drops the exceptions raised in the Python it calls: a SIGTERM that landed in PyAV's
+error check while an audio frame was being encoded vanished silently (1 run in 15), and the run went on to write its
+output and exit 0. So the signal is also recorded, and :class:`StopSignalHooks` (handed to the pipeline by the
+front ends) raises it again between frames, where nothing can swallow it.
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ import threading
 from contextlib import contextmanager
 from types import FrameType
 from typing import Any, Iterator
+
+from musetalk.hooks import Hooks
 
 # SIGHUP does not exist on Windows
 STOP_SIGNALS: tuple[int, ...] = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None))
@@ -61,13 +70,16 @@ def exit_status(exc: BaseException) -> int:
 
 
 class _Handler:
-    """The installed handler: raises Terminated once, then ignores repeats until re-armed."""
+    """The installed handler: raises Terminated once, then ignores repeats until re-armed; SIGINT raises every time."""
 
     def __init__(self) -> None:
         self.fired = False
 
     def __call__(self, signum: int, frame: FrameType | None) -> None:
         global _received
+        if signum == signal.SIGINT:
+            _received = signum
+            raise KeyboardInterrupt
         if self.fired:
             return
         self.fired = True
@@ -94,6 +106,8 @@ def stop_signals_as_interrupt() -> Iterator[None]:
     handler = _Handler()
     _received = None
     previous: dict[int, Any] = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where Ctrl-C is ignored (`cmd &`)
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, handler)
     if FILE_SIZE_SIGNAL is not None:  # a write past `ulimit -f` then fails with EFBIG, which the writers report
         previous[FILE_SIZE_SIGNAL] = signal.signal(FILE_SIZE_SIGNAL, signal.SIG_IGN)
     outer, _active = _active, handler
@@ -116,3 +130,22 @@ def reclaim() -> None:
     for sig in STOP_SIGNALS:
         if signal.getsignal(sig) is not _active:
             signal.signal(sig, _active)
+
+
+def raise_if_stopped() -> None:
+    """Raise the interrupt of a signal the active block received, again (see the module docstring): Terminated for
+    SIGTERM / SIGHUP, KeyboardInterrupt for SIGINT. Does nothing when none was received."""
+    if _received is None:
+        return
+    if _received == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise Terminated(_received)
+
+
+class StopSignalHooks(Hooks):
+    """Run hooks whose cancel poll re-raises a received stop signal (:func:`raise_if_stopped`): a signal whose
+    first exception an extension swallowed still stops the run, at the next frame."""
+
+    def cancelled(self) -> bool:
+        raise_if_stopped()
+        return False

@@ -21,7 +21,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
 import weakref
 from contextlib import contextmanager
@@ -33,7 +32,7 @@ import cv2
 import numpy as np
 
 from musetalk.errors import InputError, MuseTalkError, StorageError
-from musetalk.stream.leftovers import Hold, sweep
+from musetalk.stream.leftovers import MKDTEMP_SUFFIX, Hold, held_temp_dir
 
 FORMAT_VERSION = 1
 # matched whole with fullmatch: with match and "$", "name\n" passed ("$" also matches before a final newline)
@@ -154,7 +153,7 @@ def _box(values: Sequence[int] | np.ndarray) -> tuple[int, int, int, int]:
 
 
 # the hidden folders of AvatarWriter (mkdtemp's 8-character suffix) and of _swap_in (an old avatar moved aside)
-LEFTOVER_FOLDER = re.compile(r"\..+\.(?:[a-z0-9_]{8}|old-\d+-\d+)")
+LEFTOVER_FOLDER = re.compile(rf"\..+\.(?:{MKDTEMP_SUFFIX}|old-\d+-\d+)")
 
 
 class AvatarWriter:
@@ -163,9 +162,8 @@ class AvatarWriter:
     def __init__(self, final_path: Path) -> None:
         self.final_path = Path(final_path)
         self.final_path.parent.mkdir(parents=True, exist_ok=True)
-        sweep(self.final_path.parent, LEFTOVER_FOLDER)  # what a killed preparation left here
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.final_path.name}.", dir=self.final_path.parent))
-        self._hold = Hold(self.tmp)
+        # what a killed preparation of any avatar left here goes first
+        self.tmp, self._hold = held_temp_dir(f".{self.final_path.name}.", self.final_path.parent, LEFTOVER_FOLDER)
         (self.tmp / "frames").mkdir()
         (self.tmp / "masks").mkdir()
         self.has_face: list[bool] = []

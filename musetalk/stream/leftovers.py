@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,6 +29,7 @@ except ImportError:  # Windows
 log = logging.getLogger(__name__)
 
 MIN_AGE_S = 60.0
+MKDTEMP_SUFFIX = r"[a-z0-9_]{8}"  # what tempfile.mkdtemp appends to its prefix
 
 
 class Hold:
@@ -97,3 +99,14 @@ def sweep(folder: str | os.PathLike, pattern: re.Pattern[str], min_age_s: float 
         log.info("removed %s, left behind by a run that was killed", entry)
         removed.append(entry)
     return removed
+
+
+def held_temp_dir(prefix: str, parent: str | os.PathLike | None = None,
+                  leftovers: re.Pattern[str] | None = None) -> tuple[Path, Hold]:
+    """A new folder ``<parent>/<prefix><8 random characters>`` (``tempfile.mkdtemp``; ``parent`` defaults to the
+    temporary folder) and the :class:`Hold` on it. What killed runs left in ``parent`` is swept first: the entries
+    matching ``leftovers``, by default the folders this function names with the same ``prefix``."""
+    folder = Path(parent) if parent is not None else Path(tempfile.gettempdir())
+    sweep(folder, leftovers or re.compile(re.escape(prefix) + MKDTEMP_SUFFIX))
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=folder))
+    return path, Hold(path)

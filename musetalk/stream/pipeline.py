@@ -14,9 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import re
 import shutil
-import tempfile
 import threading
 import time
 from collections import deque
@@ -33,7 +31,7 @@ from musetalk.stages import audio as audio_stage
 from musetalk.stream import pauses
 from musetalk.stream.avatar import Avatar, AvatarMeta, AvatarWriter, avatar_key, cache_root, check_avatar_name, \
     hash_source, load_avatar
-from musetalk.stream.leftovers import Hold, sweep
+from musetalk.stream.leftovers import Hold, held_temp_dir
 from musetalk.stream.paths import check_output_not_input
 from musetalk.config import GenerationConfig, preset
 from musetalk.devices import resolve_device, resolve_dtype
@@ -115,9 +113,6 @@ def prepare_source_frame(frame: np.ndarray, detection: FaceLandmarks, config: Ge
     face_box = apply_extra_margin(box, config.crop.extra_margin, frame.shape[0])
     return SourceFrame(frame, detection.landmarks, face_box, crop_face(frame, face_box),
                        parser_input(frame, face_box, config.blend.expand))
-
-
-TEMP_AVATAR_FOLDER = re.compile(r"musetalk-avatar-[a-z0-9_]{8}")  # mkdtemp's names for avatars prepared unnamed
 
 
 def _in_background(items: Iterable[Any], maxsize: int, name: str) -> Generator[Any, None, None]:
@@ -317,10 +312,10 @@ class MuseTalkPipeline:
             if existing is not None:
                 log.info("reusing avatar %s (%d frames)", name, len(existing))
                 return existing
-        else:
-            sweep(tempfile.gettempdir(), TEMP_AVATAR_FOLDER)  # what killed runs left (their Avatar held them)
-            path = Path(tempfile.mkdtemp(prefix="musetalk-avatar-")) / "avatar"
-        preparing = Hold(path.parent) if name is None else None  # until the Avatar holds it
+            preparing: Hold | None = None
+        else:  # held until the Avatar holds it; what killed runs left there goes first
+            folder, preparing = held_temp_dir("musetalk-avatar-")
+            path = folder / "avatar"
         try:
             landmarker = self.landmarker(config.crop.landmarks)
             writer = AvatarWriter(path)
@@ -581,6 +576,7 @@ class MuseTalkPipeline:
                         with run.stage("encode"):
                             writer.write(frame)
                         written += 1
+                    check_cancelled(run)  # a cancel during the last frames' encoding: no output committed either
             finally:
                 frames.close()  # stops the model thread now, also when the writer failed
         finally:

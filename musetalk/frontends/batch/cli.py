@@ -35,13 +35,13 @@ def run_batch(args: argparse.Namespace) -> int:
     """``musetalk batch``: 0 when every row made its video, 1 when some did not, 128 + signal when interrupted
     (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP)."""
     from musetalk.frontends.options import config_from_args
-    from musetalk.frontends.signals import exit_status, interrupt_signal, signal_name
+    from musetalk.frontends.signals import StopSignalHooks, exit_status, interrupt_signal, signal_name
 
     try:
         report = run(args.jobs, args.output_dir, config=config_from_args(args), models=args.models, ray=args.ray,
                      workers=args.workers, cpus_per_worker=args.cpus_per_worker, retries=args.retries,
                      collect=args.collect, skip_invalid=args.skip_invalid, summary=args.summary,
-                     progress=not args.quiet)
+                     progress=not args.quiet, hooks=StopSignalHooks())
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM / SIGHUP (musetalk.frontends.signals)
         print(f"interrupted ({signal_name(interrupt_signal(exc))}): finished videos are kept, no partial file was "
               "left; see the summary", file=sys.stderr)

@@ -35,18 +35,14 @@ class BatchWorker:
 
     def __init__(self, models: str | None, config: GenerationConfig) -> None:
         import socket
-        import re
-        import tempfile
 
-        from musetalk.stream.leftovers import Hold, sweep
+        from musetalk.stream.leftovers import held_temp_dir
         from musetalk.stream.pipeline import MuseTalkPipeline
 
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.error: str | None = None
         self.runner: JobRunner | None = None
-        sweep(tempfile.gettempdir(), re.compile(r"musetalk-batch-worker-[a-z0-9_]{8}"))  # of killed workers
-        self.tmp = Path(tempfile.mkdtemp(prefix="musetalk-batch-worker-"))
-        self._hold = Hold(self.tmp)
+        self.tmp, self._hold = held_temp_dir("musetalk-batch-worker-")  # after sweeping what killed workers left
         self._inputs: dict[str, Path] = {}
         try:
             pipe = MuseTalkPipeline.from_pretrained(models, version=config.version, device=config.runtime.device,

@@ -5,9 +5,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
-import re
 import shutil
-import tempfile
 import threading
 import time
 import uuid
@@ -18,7 +16,7 @@ from typing import IO, TYPE_CHECKING, Any, cast
 from musetalk.config import GenerationConfig, preset
 from musetalk.errors import Cancelled, InputError, MuseTalkError, WeightsError
 from musetalk.hooks import Hooks
-from musetalk.stream.leftovers import Hold, sweep
+from musetalk.stream.leftovers import Hold, held_temp_dir
 from musetalk.frontends.server.errors import ApiError, JobCancelled, http_error, redact
 from musetalk.frontends.server.settings import RESULT_NAME, JobState, Loader, ServerSettings
 from musetalk.frontends.server.uploads import check_media_limits, store_upload
@@ -126,9 +124,7 @@ class GenerationService:
         if self.settings.work_dir is not None:
             Path(self.settings.work_dir).mkdir(parents=True, exist_ok=True)
         # a server that was killed (SIGKILL, OOM) left its folder of uploads and results: removed once unheld
-        sweep(self.settings.work_dir or tempfile.gettempdir(), re.compile(r"musetalk-server-[a-z0-9_]{8}"))
-        self.root = Path(tempfile.mkdtemp(prefix="musetalk-server-", dir=self.settings.work_dir))
-        self._root_hold = Hold(self.root)
+        self.root, self._root_hold = held_temp_dir("musetalk-server-", self.settings.work_dir)
         self._worker = threading.Thread(target=self._work, name="musetalk-worker", daemon=True)
         self._worker.start()
         log.info("worker started; temporary files in %s", self.root)
