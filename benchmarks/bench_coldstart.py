@@ -2,6 +2,9 @@
 
     python -m benchmarks.bench_coldstart [--dtypes fp32,bf16] [--code DIR --label before] [--no-warm]
 
+``BENCH_PROFILE_DIR=<folder>`` also saves each cold run's whole profile there (``musetalk.profiling`` report JSON:
+memory samples over time, the stage timeline), e.g. for ``musetalk.profiling.plots.plot_memory``.
+
 The models are the full-size architecture with random weights, written once in the official layout
 (``musetalk.testing.tiny.write_tiny_models(full_size=True)``: UNet 3.4 GB, sd-vae, whisper-tiny, BiSeNet) to
 ``--models`` (default: a folder under the temp dir, reused). Inputs: a 720p 2 s source (the sample clip scaled)
@@ -97,6 +100,8 @@ out["output_frames"] = n_out = result.num_frames
 out["cold_peak_rss_gb"] = status_kb("VmHWM") / 2**20
 report = prof.report(meta={"dtype": dtype, "batch_size": config.runtime.batch_size})
 out["profile_markdown"] = report.markdown()
+if os.environ.get("BENCH_PROFILE_DIR"):  # the whole profile (memory samples, stage timeline) for plots
+    report.save(os.path.join(os.environ["BENCH_PROFILE_DIR"], f"coldstart-{dtype}.json"))
 out["stages_s"] = {name: s.total_s for name, s in report.stages.items()}
 
 # -- model stages alone, same process, warm, same batch sizes -------------------------------------------------

@@ -84,3 +84,26 @@ def empty_cache(device: torch.device) -> None:
         torch.cuda.empty_cache()
     elif device.type == "mps":
         torch.mps.empty_cache()
+
+
+def conv_memory_format(device: torch.device, dtype: torch.dtype, *, small_weights: bool = False) -> torch.memory_format:
+    """The memory format a convolutional model and its inputs run fastest in on ``device`` (chosen once, at load).
+
+    channels_last on the CPU, where oneDNN's convolutions work in NHWC: full-size, on a Xeon with AMX, bf16 VAE
+    decode 2.2 -> 1.0 s/image, encode 1.1 -> 0.4 s, UNet batch 8 4.5 -> 3.1 s; fp32 parser 0.32 -> 0.21 s. In fp32
+    the UNet and VAE measured no faster (decode 4.4 s both, UNet ~10 s both), and there their weights stay shared
+    with the memory-mapped file, which a layout change would copy: they keep the file's layout unless
+    ``small_weights`` says the copy costs nothing. Elsewhere (CUDA, MPS: not measured here) the default layout.
+    """
+    if device.type != "cpu":
+        return torch.contiguous_format
+    if dtype in (torch.bfloat16, torch.float16) or small_weights:
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def to_memory_format(module: torch.nn.Module, memory_format: torch.memory_format) -> None:
+    """Put ``module``'s 4-d weights in ``memory_format``, one tensor at a time (no copy for those already in it)."""
+    for tensor in [*module.parameters(), *module.buffers()]:
+        if tensor.dim() == 4 and not tensor.is_contiguous(memory_format=memory_format):
+            tensor.data = tensor.data.contiguous(memory_format=memory_format)

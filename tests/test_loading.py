@@ -77,6 +77,39 @@ def test_load_model_fills_every_tensor_in_the_run_dtype(tmp_path: Path, suffix: 
     torch.testing.assert_close(model.conv(x), expected)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the file mappings from /proc/self/maps")
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_a_memory_format_is_applied_in_the_one_copy_and_never_beside_a_shared_mapping(tmp_path: Path,
+                                                                                        suffix: str) -> None:
+    """channels_last (what the CPU's convolutions want in bf16) lays out the 4-d weights as they are materialized.
+
+    An fp32 file in the default layout is shared with its mapping (zero copy); asked for another layout, every
+    tensor is copied instead, as for a cast: a copy beside a live mapping would count the same weights twice.
+    """
+    state = _random_state()
+    path = _save(state, tmp_path / f"small{suffix}")
+
+    def in_the_mapped_file(t: torch.Tensor) -> bool:
+        address = t.data_ptr()
+        for line in Path("/proc/self/maps").read_text().splitlines():
+            span, *rest = line.split(maxsplit=5)
+            start, end = (int(x, 16) for x in span.split("-"))
+            if start <= address < end:
+                return len(rest) == 5 and rest[4] == str(path)
+        return False
+
+    shared = load_model(Small, path)
+    assert shared.conv.weight.is_contiguous()
+    assert all(in_the_mapped_file(t) for t in shared.parameters())  # zero copy
+    for dtype in (torch.float32, torch.bfloat16):
+        model = load_model(Small, path, dtype=dtype, memory_format=torch.channels_last)
+        weight = model.conv.weight
+        assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+        assert torch.equal(weight, state["conv.weight"].to(dtype))
+        assert not any(in_the_mapped_file(t) for t in model.parameters())
+        assert model.head[0].weight.is_contiguous()  # only 4-d tensors change layout
+
+
 def test_legacy_pickles_and_float16_files_load(tmp_path: Path) -> None:
     """Pre-zip pickles cannot be mapped (read whole); float16 values are cast up to a float32 model."""
     state = _random_state()

@@ -149,3 +149,17 @@ def test_parse_batch_gives_each_images_map_image_by_image_on_the_cpu(golden_pars
     assert one_by_one.shape == (3, 512, 512) and np.array_equal(one_by_one, expected)
     assert (together != expected).mean() < 1e-4  # batched rounding may flip a class on an exact tie
     assert golden_parser.parse_batch([]).shape == (0, 512, 512)
+
+
+def test_on_the_cpu_the_parser_runs_channels_last_with_the_default_layouts_maps(golden_parser: FaceParser) -> None:
+    """oneDNN's convolutions want NHWC: the full-size parser runs 1.5x faster in fp32 with channels_last weights
+    and inputs. Its 50 MB are copied into that layout at load; the class maps stay those of the default layout."""
+    import copy
+
+    convs = [p for p in golden_parser.net.parameters() if p.dim() == 4 and p.shape[-1] > 1]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in convs)
+    plain = FaceParser(copy.deepcopy(golden_parser.net), torch.device("cpu"), torch.float32,
+                       memory_format=torch.contiguous_format)
+    images = np.random.default_rng(3).integers(0, 256, (2, 300, 280, 3), dtype=np.uint8)
+    maps, plain_maps = golden_parser.parse_batch(list(images)), plain.parse_batch(list(images))
+    assert (maps == plain_maps).mean() >= 0.999  # a class flips only on a near-tie of two logits

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from musetalk.stages.audio import add_positional_encoding
+from musetalk.devices import conv_memory_format, to_memory_format
 from musetalk.errors import WeightsError
 from musetalk.weights import DOWNLOAD_HINT, load_model
 
@@ -37,7 +38,11 @@ def read_unet_config(config_path: str | os.PathLike) -> dict[str, Any]:
 class UNet:
     """The MuseTalk UNet, built once from ``musetalk.json`` + the version's weights file."""
 
-    def __init__(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype,
+                 memory_format: torch.memory_format | None = None) -> None:
+        """memory_format: of the weights and latents; None: ``devices.conv_memory_format``."""
+        self.memory_format = memory_format or conv_memory_format(device, dtype)
+        to_memory_format(model, self.memory_format)  # no copy when loaded in it
         self.model = model
         self.device = device
         self.dtype = dtype
@@ -51,13 +56,15 @@ class UNet:
         fix = DOWNLOAD_HINT.format(models=config_path.parent.parent)
         config = read_unet_config(config_path)
         # built empty, then filled from the (memory-mapped) file in the run dtype: one copy of the weights at most
+        memory_format = conv_memory_format(torch.device(device), dtype)
         model = load_model(lambda: UNet2DConditionModel.from_config(config), weights_path, device=device, dtype=dtype,
-                           fix=fix)
-        return cls(model, torch.device(device), dtype)
+                           fix=fix, memory_format=memory_format)
+        return cls(model, torch.device(device), dtype, memory_format=memory_format)
 
     @torch.inference_mode()
     def __call__(self, latents: torch.Tensor, audio_windows: torch.Tensor) -> torch.Tensor:
         """(B, 8, 32, 32) + (B, 50, 384) -> (B, 4, 32, 32), same device as the model, model dtype."""
         cond = add_positional_encoding(audio_windows.to(self.device, self.dtype))
         timestep = torch.zeros(1, device=self.device, dtype=torch.long)  # single step at t = 0, no scheduler
-        return self.model(latents.to(self.device, self.dtype), timestep, encoder_hidden_states=cond).sample
+        x = latents.to(self.device, self.dtype, memory_format=self.memory_format)
+        return self.model(x, timestep, encoder_hidden_states=cond).sample

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from musetalk.devices import conv_memory_format, to_memory_format
 from musetalk.errors import WeightsError
 from musetalk.weights import DOWNLOAD_HINT, file_fingerprint, find_weights_file, load_model
 
@@ -38,7 +39,7 @@ def crops_to_tensor(crops_bgr: np.ndarray, mask_lower_half: bool) -> torch.Tenso
     return (x - 0.5) / 0.5
 
 
-def _convert_legacy_attention(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def convert_legacy_attention(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename the pre-0.14 diffusers attention keys (query/key/value/proj_attn) that sd-vae-ft-mse's .bin uses.
 
     Values stay views of the file's tensors (a 1x1 conv weight is sliced, not copied).
@@ -60,11 +61,16 @@ class VAE:
     """AutoencoderKL built once from ``models/sd-vae``; encodes crops and decodes latents."""
 
     def __init__(self, model: AutoencoderKL, device: torch.device, dtype: torch.dtype,
-                 fingerprint: str | None = None, one_image_at_a_time: bool | None = None) -> None:
+                 fingerprint: str | None = None, one_image_at_a_time: bool | None = None,
+                 memory_format: torch.memory_format | None = None) -> None:
         """one_image_at_a_time: run encoder and decoder image by image inside a batch (diffusers' slicing);
         None: on the CPU only. There a batch buys no speed (full-size bf16, 8 crops: encode 10.1 s sliced vs
         12.3 s batched, decode 10.2 s both) while the activations of 8-16 images at 256x256 cost 0.6-0.8 GB;
-        a GPU needs the batch to be busy."""
+        a GPU needs the batch to be busy.
+        memory_format: of the weights and inputs; None: ``devices.conv_memory_format`` (channels_last on the CPU in
+        bf16/fp16)."""
+        self.memory_format = memory_format or conv_memory_format(device, dtype)
+        to_memory_format(model, self.memory_format)  # no copy when loaded in it
         if one_image_at_a_time is None:
             one_image_at_a_time = device.type == "cpu"
         if one_image_at_a_time:
@@ -88,14 +94,16 @@ class VAE:
             raise WeightsError(f"{vae_dir / 'config.json'} is missing", fix)
         config = json.loads((vae_dir / "config.json").read_text())
         weights = find_weights_file(vae_dir, "diffusion_pytorch_model")
+        memory_format = conv_memory_format(torch.device(device), dtype)
         model = load_model(lambda: AutoencoderKL.from_config(config), weights, device=device, dtype=dtype,
-                           convert=_convert_legacy_attention, fix=fix)
-        return cls(model, torch.device(device), dtype, fingerprint=file_fingerprint(weights))
+                           convert=convert_legacy_attention, fix=fix, memory_format=memory_format)
+        return cls(model, torch.device(device), dtype, fingerprint=file_fingerprint(weights),
+                   memory_format=memory_format)
 
     @torch.inference_mode()
     def encode(self, crops_bgr: np.ndarray, mask_lower_half: bool = False) -> torch.Tensor:
         """(B, 256, 256, 3) uint8 BGR -> (B, 4, 32, 32) float32 latents (posterior mean x scaling factor), CPU."""
-        x = crops_to_tensor(crops_bgr, mask_lower_half).to(self.device, self.dtype)
+        x = crops_to_tensor(crops_bgr, mask_lower_half).to(self.device, self.dtype, memory_format=self.memory_format)
         posterior = self.model.encode(x).latent_dist
         return (posterior.mean * self.scaling_factor).float().cpu()
 
@@ -106,7 +114,8 @@ class VAE:
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """(B, 4, 32, 32) latents -> (B, 256, 256, 3) uint8 BGR faces."""
-        x = self.model.decode(latents.to(self.device, self.dtype) / self.scaling_factor).sample
+        z = latents.to(self.device, self.dtype, memory_format=self.memory_format) / self.scaling_factor
+        x = self.model.decode(z).sample
         # fp16 decoders can overflow to inf/NaN on rare latents; map those to grey/white/black, not garbage bytes
         x = torch.nan_to_num(x.float() / 2 + 0.5, nan=0.5, posinf=1.0, neginf=0.0).clamp(0, 1)
         img = (x.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu().numpy()

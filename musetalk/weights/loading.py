@@ -9,7 +9,8 @@
        from the page cache when first used, and shared with it: a clean page the kernel may drop and re-read
        under memory pressure instead of swapping. Files are replaced atomically (``musetalk download``), so
        a running process keeps the old file's pages.
-     - otherwise (a cast, another device): each tensor is copied, cast to the run dtype on the run device.
+     - otherwise (a cast, another device, another memory format): each tensor is copied, cast to the run dtype
+       (4-d ones in the asked memory format) on the run device.
        Only the model in its run dtype is held, plus the checkpoint pages read since the last re-open: the
        mapping is dropped and re-opened every ``CHUNK_BYTES`` so the pages it has read leave the process (a
        mapped page counts in the RSS while the mapping lives).
@@ -109,27 +110,33 @@ def _file_identity(path: Path) -> tuple[int, int]:
     return stat.st_size, stat.st_mtime_ns
 
 
-def _materialize(src: torch.Tensor, dtype: torch.dtype, device: torch.device, share_mapping: bool) -> torch.Tensor:
-    """``src`` as a contiguous tensor in ``dtype`` on ``device``, copied only when it must be.
+def _materialize(src: torch.Tensor, dtype: torch.dtype, device: torch.device, memory_format: torch.memory_format,
+                 *, mapped: bool, share_mapping: bool) -> torch.Tensor:
+    """``src`` in ``dtype`` on ``device``, dense in ``memory_format`` if 4-d (else contiguous), copied only when it
+    must be.
 
-    A tensor already in the right dtype and device is used as is when it is contiguous and either owns its
-    storage (read into memory) or ``share_mapping`` allows a view of the mapped file.
+    A tensor already in the right dtype, device and layout is used as is when ``share_mapping`` allows a view of
+    the mapped file, or when it was read into memory (not ``mapped``) and owns its storage (not a slice).
     """
-    if src.dtype == dtype and src.device == device and src.is_contiguous():
-        if share_mapping or src.untyped_storage().nbytes() == src.nbytes:
+    layout = memory_format if src.dim() == 4 else torch.contiguous_format
+    if src.dtype == dtype and src.device == device and src.is_contiguous(memory_format=layout):
+        if share_mapping or (not mapped and src.untyped_storage().nbytes() == src.nbytes):
             return src
-    return src.to(device=device, dtype=dtype, copy=True, memory_format=torch.contiguous_format)
+    return src.to(device=device, dtype=dtype, copy=True, memory_format=layout)
 
 
 def load_model(build: Callable[[], ModuleT], path: str | os.PathLike, *, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32, convert: Callable[[StateDict], StateDict] | None = None,
-               fix: str | None = None, chunk_bytes: int = CHUNK_BYTES) -> ModuleT:
+               fix: str | None = None, chunk_bytes: int = CHUNK_BYTES,
+               memory_format: torch.memory_format = torch.contiguous_format) -> ModuleT:
     """``build()`` without allocating, filled from the checkpoint ``path``, in ``dtype`` on ``device``, for inference.
 
     convert: maps the file's state dict to the model's keys (renames, a sub-model's keys); it must return views of
         the file's tensors (slicing is fine), so it costs no memory. Floating-point tensors are cast to ``dtype``,
         the others (BatchNorm's ``num_batches_tracked``) keep the model's dtype.
     fix: the hint of a :class:`WeightsError` for an unreadable file (default: download it again).
+    memory_format: the layout of 4-d weights (``torch.channels_last``: see ``devices.conv_memory_format``); a
+        layout the file does not have means a copy of every tensor, as a cast does.
     Raises :class:`WeightsError` for a missing, unsafe or corrupt file and for missing, unexpected or wrongly
     shaped keys (each named), before any tensor is copied.
     """
@@ -151,7 +158,8 @@ def load_model(build: Callable[[], ModuleT], path: str | os.PathLike, *, device:
                fix=KEY_CHECK_FIX)
     targets = {k: dtype if meta.is_floating_point() else meta.dtype for k, meta in expected.items()}
     # zero copy only when nothing is cast: a cast tensor's pages would stay resident in a mapping kept alive
-    share_mapping = mapped and device.type == "cpu" and all(first[k].dtype == t for k, t in targets.items())
+    share_mapping = (mapped and device.type == "cpu" and all(first[k].dtype == t for k, t in targets.items())
+                     and all(t.is_contiguous(memory_format=memory_format) for t in first.values() if t.dim() == 4))
     state: StateDict | None = first
     del first  # `state` holds the only reference: setting it to None below unmaps the file
     loaded: StateDict = {}
@@ -162,7 +170,7 @@ def load_model(build: Callable[[], ModuleT], path: str | os.PathLike, *, device:
                 raise WeightsError(f"{path} changed while it was being loaded", "load it again once it is written")
             state = read()
         src = state.pop(key)
-        loaded[key] = _materialize(src, target, device, share_mapping)
+        loaded[key] = _materialize(src, target, device, memory_format, mapped=mapped, share_mapping=share_mapping)
         read_since_open += src.nbytes
         del src
         if mapped and not share_mapping and read_since_open >= chunk_bytes:

@@ -24,7 +24,7 @@ from musetalk.errors import WeightsError
 from musetalk.stages.mlx import mlx_dtype
 from musetalk.stages.mlx.convert import load_converted, load_weights_strict
 from musetalk.stages.mlx.layers import Downsample, GroupNorm, ResnetBlock, SpatialSelfAttention, Upsample
-from musetalk.stages.vae import _convert_legacy_attention
+from musetalk.stages.vae import convert_legacy_attention
 from musetalk.weights import DOWNLOAD_HINT, file_fingerprint, find_weights_file, load_state_dict
 
 VAE_EPS = 1e-6  # diffusers' Encoder/Decoder build every norm with eps 1e-6
@@ -134,7 +134,7 @@ class AutoencoderKL(nn.Module):
 
 def vae_weights(weights_path: str | os.PathLike, cache: bool = True, fix: str | None = None) -> dict[str, mx.array]:
     """The VAE checkpoint (legacy attention keys renamed) converted to MLX layout, through the cache."""
-    return load_converted(weights_path, lambda: _convert_legacy_attention(load_state_dict(weights_path, fix=fix)),
+    return load_converted(weights_path, lambda: convert_legacy_attention(load_state_dict(weights_path, fix=fix)),
                           cache=cache)
 
 
