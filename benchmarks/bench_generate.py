@@ -34,12 +34,24 @@ RESULTS = REPO / "benchmarks" / "results"
 DOC = REPO / "docs" / "benchmarks.md"
 
 
+def cpu_bf16() -> str:
+    """How the CPU runs bf16 (what oneDNN uses): "AMX", "AVX-512 BF16" or "none" ("?" off Linux)."""
+    try:
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        return "?"
+    words = set(flags.split())
+    return "AMX" if "amx_bf16" in words else "AVX-512 BF16" if "avx512_bf16" in words else "none"
+
+
 def machine() -> dict:
     import torch
 
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-            "load_average_1_5_15": list(os.getloadavg())}
+    from musetalk.profiling.report import cpu_name
+
+    return {"cpu": platform.processor() or platform.machine(), "cpu_name": cpu_name(), "cpu_bf16": cpu_bf16(),
+            "cores": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "load_average_1_5_15": list(os.getloadavg())}
 
 
 def write_section(name: str, markdown: str) -> None:

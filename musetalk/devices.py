@@ -5,8 +5,12 @@ This is the only module that names backends ("cuda", "mps") literally.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 import os
+import sys
+from typing import Callable, cast
 
 import torch
 
@@ -107,3 +111,31 @@ def to_memory_format(module: torch.nn.Module, memory_format: torch.memory_format
     for tensor in [*module.parameters(), *module.buffers()]:
         if tensor.dim() == 4 and not tensor.is_contiguous(memory_format=memory_format):
             tensor.data = tensor.data.contiguous(memory_format=memory_format)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        trim = ctypes.CDLL(None).malloc_trim  # glibc; musl and others have none
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return cast(Callable[[int], int], trim)
+
+
+def release_free_memory() -> bool:
+    """Hand the C heap's free pages back to the system (glibc's ``malloc_trim``); False where there is none.
+
+    glibc keeps memory that was freed inside its heaps, and each thread's heap fragments on its own: a CPU run's
+    resident memory crept up batch after batch (full-size bf16, 75 frames: 2.82 -> 3.09 GB). Called once per
+    batch of the models on the CPU, it held the run's peak 0.12-0.16 GB lower (bf16 3.27 -> 3.11 GB, fp32
+    5.20 -> 5.08 GB) at the cost of faulting the freed pages in again (within the noise of the run's time).
+    Costs a walk of the free lists: milliseconds.
+    """
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True

@@ -304,3 +304,21 @@ def test_prepare_reader_thread_errors_surface_and_leave_nothing(pipe: MuseTalkPi
     assert failing.threads == {"musetalk-avatar-reader"}
     assert list((tmp_path / "cache" / "avatars").iterdir()) == []  # neither the avatar nor its temporary folder
     assert [t.name for t in set(threading.enumerate()) - before if t.name.startswith("musetalk-avatar")] == []
+
+
+def test_on_the_cpu_the_heap_is_handed_back_after_every_batch(pipe: MuseTalkPipeline, short_clip: Path,
+                                                               short_audio: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """glibc's heaps kept each batch's freed activations and fragmented: the run's memory crept up batch after batch
+    (full size: +0.27 GB over 75 frames). The stream releases free memory once per model batch, preparation once
+    at its end (per chunk it bought nothing: its peak is not the run's)."""
+    import musetalk.stream.pipeline as pipeline_module
+
+    released: list[str] = []
+    monkeypatch.setattr(pipeline_module, "release_free_memory", lambda: released.append("x") or True)
+    config = pipe.default_config(batch_size=4)
+    pipe.prepare_avatar(short_clip, config, name="heap")
+    assert len(released) == 1
+    released.clear()
+    result = pipe.generate(short_clip, short_audio, tmp_path / "out.mp4", config, avatar="heap", progress=False)
+    assert len(released) == -(-result.num_frames // 4)

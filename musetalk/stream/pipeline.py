@@ -34,7 +34,7 @@ from musetalk.stream.avatar import Avatar, AvatarMeta, AvatarWriter, avatar_key,
 from musetalk.stream.leftovers import Hold, held_temp_dir
 from musetalk.stream.paths import check_output_not_input
 from musetalk.config import GenerationConfig, preset
-from musetalk.devices import resolve_device, resolve_dtype
+from musetalk.devices import release_free_memory, resolve_device, resolve_dtype
 from musetalk.errors import InputError, NoFaceError, WeightsError
 from musetalk.hooks import ProgressBars, RunHooks, check_cancelled, combine
 from musetalk.weights import DOWNLOAD_HINT, default_models_dir, layout
@@ -204,6 +204,9 @@ class MuseTalkPipeline:
         self._landmarker_factory = landmarker_factory
         self._landmarkers: dict[str, LandmarkBackend] = {}
         self._vad: SileroVAD | None = None  # voice-activity detector (silence handling), built on first use
+        # on the CPU the activations live in the C heap: its free pages go back after each batch of the stream
+        # (no creep) and once after preparing an avatar
+        self._release_heap_per_batch = self.device.type == "cpu"
 
     @classmethod
     def from_pretrained(cls, models_dir: str | os.PathLike | None = None, version: str = "v15",
@@ -356,6 +359,8 @@ class MuseTalkPipeline:
             while pending:
                 pending.popleft().result()
             disk.shutdown(wait=True)
+            if self._release_heap_per_batch:  # what preparation freed does not wait in the heap through the stream
+                release_free_memory()
             if counts["faces"] == 0:
                 raise NoFaceError(f"no face found in any frame of {source}",
                                   "use a source where one face is clearly visible (frontal, not too small)")
@@ -447,6 +452,9 @@ class MuseTalkPipeline:
                 predicted = self.unet(latents, torch.from_numpy(batch_windows[rows]))
             with stage("vae_decode"):
                 faces = self.vae.decode(predicted)
+            del latents, predicted
+            if self._release_heap_per_batch:
+                release_free_memory()
         return sources, rows, faces
 
     @staticmethod
