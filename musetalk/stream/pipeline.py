@@ -206,7 +206,7 @@ class MuseTalkPipeline:
         self._vad: SileroVAD | None = None  # voice-activity detector (silence handling), built on first use
         # on the CPU the activations live in the C heap: its free pages go back after each batch of the stream
         # (no creep) and once after preparing an avatar
-        self._release_heap_per_batch = self.device.type == "cpu"
+        self._release_heap_per_batch = torch.device(self.device).type == "cpu"
 
     @classmethod
     def from_pretrained(cls, models_dir: str | os.PathLike | None = None, version: str = "v15",
