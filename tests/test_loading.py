@@ -110,6 +110,63 @@ def test_a_memory_format_is_applied_in_the_one_copy_and_never_beside_a_shared_ma
         assert model.head[0].weight.is_contiguous()  # only 4-d tensors change layout
 
 
+class TwoLayers(nn.Module):
+    """Two 4 MB fp32 weights: whole pages each, so the one released can be told from the one kept."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(1024, 1024)
+        self.second = nn.Linear(1024, 1024)
+
+
+def _resident_kb(path: Path) -> int:
+    """Resident kB of this process's mappings of ``path``."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if not fields[0].endswith(":"):
+            inside = len(fields) == 6 and fields[5] == str(path)
+        elif fields[0] == "Rss:" and inside:
+            total += int(fields[1])
+    return total
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise and /proc/self/smaps are Linux's")
+def test_released_pages_of_mapped_weights_leave_the_resident_memory_and_read_back_the_same(tmp_path: Path) -> None:
+    """The VAE encoder's pages after preparing: only views of a mapped file go, and their values come back."""
+    from musetalk.weights.loading import release_mapped_pages
+
+    torch.manual_seed(0)
+    path = tmp_path / "two.pth"
+    torch.save(TwoLayers().state_dict(), path)
+    model = load_model(TwoLayers, path)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    float(sum(p.sum() for p in model.parameters()))  # every page read: resident
+    before = _resident_kb(path)
+    released = release_mapped_pages(model.first.parameters())
+    assert released >= 4 * 2**20 - 4096  # the whole weight, less a partial page at an end
+    assert before - _resident_kb(path) >= released // 1024 - 4  # gone from the resident memory
+    assert _resident_kb(path) >= 4 * 1024  # the other layer's pages stay
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, expected[key])  # read back from the file
+    copy = load_model(TwoLayers, path, dtype=torch.bfloat16)  # a cast: the model's own memory, never released
+    assert release_mapped_pages(copy.parameters()) == 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise and /proc/self/smaps are Linux's")
+def test_a_mapping_with_a_written_page_is_never_released(tmp_path: Path) -> None:
+    """Dropping a page that was written would bring the file's value back: such a mapping is left whole."""
+    from musetalk.weights.loading import release_mapped_pages
+
+    path = tmp_path / "two.pth"
+    torch.save(TwoLayers().state_dict(), path)
+    model = load_model(TwoLayers, path)
+    with torch.no_grad():
+        model.second.bias.fill_(3.0)  # a copy-on-write page in the mapping
+    assert release_mapped_pages(model.parameters()) == 0
+    assert torch.equal(model.second.bias, torch.full((1024,), 3.0))
+
+
 def test_legacy_pickles_and_float16_files_load(tmp_path: Path) -> None:
     """Pre-zip pickles cannot be mapped (read whole); float16 values are cast up to a float32 model."""
     state = _random_state()

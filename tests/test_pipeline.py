@@ -322,3 +322,47 @@ def test_on_the_cpu_the_heap_is_handed_back_after_every_batch(pipe: MuseTalkPipe
     released.clear()
     result = pipe.generate(short_clip, short_audio, tmp_path / "out.mp4", config, avatar="heap", progress=False)
     assert len(released) == -(-result.num_frames // 4)
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_landmark_models_are_freed_after_preparing_unless_kept(pipe: MuseTalkPipeline, short_clip: Path,
+                                                                keep: bool) -> None:
+    """Generation never uses the landmark model (dlib's holds 70 MB): by default nothing keeps it alive once an
+    avatar is prepared and the next preparation builds it again; a server or batch worker keeps it."""
+    import gc
+    import weakref
+
+    inner = pipe.landmarker("dlib")
+
+    class Counted:
+        def detect(self, frame: np.ndarray):
+            return inner.detect(frame)
+
+    built: list[weakref.ref] = []
+
+    def factory(_name: str) -> Counted:
+        built.append(weakref.ref(backend := Counted()))
+        return backend
+
+    other = MuseTalkPipeline(pipe.audio_encoder, pipe.vae, pipe.unet, pipe.parser, landmarker_factory=factory,
+                             keep_landmarkers=keep)
+    config = other.default_config(batch_size=2)
+    other.prepare_avatar(short_clip, config, name="first")
+    gc.collect()
+    assert (built[0]() is not None) == keep
+    other.prepare_avatar(short_clip, config, name="second")
+    assert len(built) == (1 if keep else 2)
+
+
+def test_after_preparing_the_vae_encoder_pages_are_released(pipe: MuseTalkPipeline, short_clip: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stream only decodes: the encoder's mapped weights (fp32 CPU, 0.13 GB full size) leave the resident
+    memory once per preparation, and the next preparation encodes as before."""
+    calls: list[int] = []
+    release = pipe.vae.release_encoder_pages
+    monkeypatch.setattr(pipe.vae, "release_encoder_pages", lambda: calls.append(release()) or calls[-1])
+    config = pipe.default_config(batch_size=4)
+    first = pipe.prepare_avatar(short_clip, config, name="pages-1")
+    second = pipe.prepare_avatar(short_clip, config, name="pages-2")
+    assert len(calls) == 2
+    np.testing.assert_array_equal(np.asarray(first.latents), np.asarray(second.latents))

@@ -192,7 +192,12 @@ class MuseTalkPipeline:
 
     def __init__(self, audio_encoder: AudioEncoder, vae: VAE | MLXVAE, unet: UNet | MLXUNet, parser: FaceParser, *,
                  version: str = "v15", models_dir: Path | None = None,
-                 landmarker_factory: Callable[[str], LandmarkBackend] | None = None) -> None:
+                 landmarker_factory: Callable[[str], LandmarkBackend] | None = None,
+                 keep_landmarkers: bool = False) -> None:
+        """``keep_landmarkers``: keep the landmark backends that :meth:`prepare_avatar` built once it is done. By
+        default they are dropped and built again by the next preparation (dlib: 70 MB held, ~2 s to build): a
+        one-shot run does not carry them through generation, where they are never used. Front ends that
+        prepare many avatars in one process (server, batch) keep them."""
         self.audio_encoder = audio_encoder
         self.vae = vae
         self.unet = unet
@@ -203,6 +208,7 @@ class MuseTalkPipeline:
         self.dtype = unet.dtype
         self._landmarker_factory = landmarker_factory
         self._landmarkers: dict[str, LandmarkBackend] = {}
+        self.keep_landmarkers = keep_landmarkers
         self._vad: SileroVAD | None = None  # voice-activity detector (silence handling), built on first use
         # on the CPU the activations live in the C heap: its free pages go back after each batch of the stream
         # (no creep) and once after preparing an avatar
@@ -212,13 +218,14 @@ class MuseTalkPipeline:
     def from_pretrained(cls, models_dir: str | os.PathLike | None = None, version: str = "v15",
                         device: str = "auto", dtype: str | torch.dtype = "auto",
                         backend: str = "auto", hooks: RunHooks | None = None,
-                        profiler: RunHooks | None = None) -> "MuseTalkPipeline":
+                        profiler: RunHooks | None = None, keep_landmarkers: bool = False) -> "MuseTalkPipeline":
         """Load every model from an official ``models/`` folder; device/dtype/backend resolved here, once.
 
         ``backend``: torch | mlx | auto (MLX on Apple Silicon when installed): which implementation runs the UNet
         and the VAE; the audio encoder and the face parser are torch models on ``device`` either way.
         Each model is built empty and filled from its memory-mapped file in the run dtype (see
         ``musetalk.weights.loading``); with ``hooks`` (or ``profiler``), each load is timed as the stage "load".
+        ``keep_landmarkers``: see the class (False: landmark models are dropped after each preparation).
         """
         from musetalk.stages.audio import AudioEncoder
         from musetalk.stages.mlx import resolve_backend
@@ -254,7 +261,8 @@ class MuseTalkPipeline:
             unet = unet_class.from_pretrained(models / parts.unet_config, unet_file, device=dev, dtype=dt)
         with stage("load"):
             parser = FaceParser.from_pretrained(models / parts.face_parse, device=dev)
-        return cls(audio_encoder, vae, unet, parser, version=version, models_dir=models)
+        return cls(audio_encoder, vae, unet, parser, version=version, models_dir=models,
+                   keep_landmarkers=keep_landmarkers)
 
     # -- helpers -------------------------------------------------------------------------------------------
     def landmarker(self, name: str) -> LandmarkBackend:
@@ -268,6 +276,11 @@ class MuseTalkPipeline:
                 kwargs = {"models_dir": self.models_dir} if name == "dwpose" and self.models_dir else {}
                 self._landmarkers[name] = get_landmark_backend(name, device=str(self.device), **kwargs)
         return self._landmarkers[name]
+
+    def _drop_landmarkers(self) -> None:
+        """After a preparation: the landmark models go, unless the pipeline keeps them (``keep_landmarkers``)."""
+        if not self.keep_landmarkers:
+            self._landmarkers.clear()
 
     def vad(self) -> SileroVAD:
         """The voice-activity detector of the silence handling (CPU, shipped with silero-vad), built once."""
@@ -359,6 +372,9 @@ class MuseTalkPipeline:
             while pending:
                 pending.popleft().result()
             disk.shutdown(wait=True)
+            del items, landmarker
+            self._drop_landmarkers()
+            self.vae.release_encoder_pages()  # the stream only decodes; the next preparation reads them back
             if self._release_heap_per_batch:  # what preparation freed does not wait in the heap through the stream
                 release_free_memory()
             if counts["faces"] == 0:
@@ -369,6 +385,7 @@ class MuseTalkPipeline:
             return writer.commit(meta, owned_dir=path.parent if name is None else None)
         except BaseException:
             disk.shutdown(wait=True, cancel_futures=True)  # nothing writes into the folder once it is removed
+            self._drop_landmarkers()
             writer.abort()
             if name is None:
                 shutil.rmtree(path.parent, ignore_errors=True)

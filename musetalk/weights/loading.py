@@ -21,11 +21,14 @@ opens a checkpoint itself.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
+import sys
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, TypeVar
+from typing import Callable, Iterable, Iterator, Mapping, TypeVar, cast
 
 import torch
 
@@ -182,3 +185,75 @@ def load_model(build: Callable[[], ModuleT], path: str | os.PathLike, *, device:
         raise WeightsError(f"{type(module).__name__} has tensors no checkpoint provides: {_head(left)}",
                            "build this model without empty_init (musetalk bug: please report it)")
     return inference_ready(module)
+
+
+# -- resident pages of mapped weights ---------------------------------------------------------------------------
+_MADV_DONTNEED = 4  # Linux
+
+
+@functools.cache
+def _madvise() -> Callable[[int, int, int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        advise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    advise.argtypes, advise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    return cast(Callable[[int, int, int], int], advise)
+
+
+def _unwritten_file_mappings() -> list[tuple[int, int]]:
+    """(start, end) of this process's mappings of files none of whose pages was ever written (no copy-on-write
+    page: ``Anonymous: 0`` in /proc/self/smaps)."""
+    spans: list[tuple[int, int]] = []
+    current: tuple[int, int] | None = None
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split(maxsplit=5)
+            if not fields[0].endswith(":"):  # "start-end perms offset dev inode [path]" opens a mapping
+                current = None
+                if len(fields) == 6 and fields[5].startswith("/") and fields[4] != "0":
+                    start, end = (int(x, 16) for x in fields[0].split("-"))
+                    current = (start, end)
+            elif fields[0] == "Anonymous:" and current is not None:
+                if int(fields[1]) == 0:
+                    spans.append(current)
+                current = None
+    return spans
+
+
+def _extent(t: torch.Tensor) -> tuple[int, int]:
+    """First and one-past-last byte addresses of ``t``'s elements (any strides >= 0)."""
+    last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+
+
+def release_mapped_pages(tensors: Iterable[torch.Tensor]) -> int:
+    """Drop the resident pages of ``tensors`` that are views of a memory-mapped weights file; returns their bytes.
+
+    The weights stay valid: the next use reads them back from the page cache (the file's, not a copy). For
+    weights a run no longer needs for a while, e.g. the VAE encoder once the avatar is prepared: in fp32 on the
+    CPU they are views of the mapped checkpoint, and pages read once otherwise count in the resident memory until
+    the process ends. Only whole pages inside a file mapping that was never written are dropped (nothing there
+    can be lost); copies (a cast, another device), other systems and other mappings are left as they are (0).
+    """
+    advise = _madvise()
+    if advise is None:
+        return 0
+    page = os.sysconf("SC_PAGE_SIZE")
+    extents = sorted(_extent(t) for t in tensors if t.device.type == "cpu" and t.numel() > 0)
+    merged: list[list[int]] = []
+    for start, end in extents:  # neighbours in the file (a zip entry's header between them) become one range
+        if merged and start <= merged[-1][1] + page:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    mappings = _unwritten_file_mappings() if merged else []
+    released = 0
+    for start, end in merged:
+        first, stop = -(-start // page) * page, end // page * page  # whole pages only
+        if stop > first and any(lo <= first and stop <= hi for lo, hi in mappings):
+            if advise(first, stop - first, _MADV_DONTNEED) == 0:
+                released += stop - first
+    return released

@@ -30,7 +30,8 @@ def _run_local(jobs: list[BatchJob], outputs: _Outputs, config: GenerationConfig
         if pipeline is None:
             pipeline = MuseTalkPipeline.from_pretrained(models, version=config.version,
                                                         device=config.runtime.device, dtype=config.runtime.dtype,
-                                                        backend=config.runtime.backend)
+                                                        backend=config.runtime.backend,
+                                                        keep_landmarkers=True)  # row after row
         elif pipeline.version != config.version:
             raise InputError(f"the pipeline runs {pipeline.version} but the batch asks for {config.version}",
                              "load the pipeline for the batch's version, or set the version to match")

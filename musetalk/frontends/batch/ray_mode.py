@@ -46,7 +46,8 @@ class BatchWorker:
         self._inputs: dict[str, Path] = {}
         try:
             pipe = MuseTalkPipeline.from_pretrained(models, version=config.version, device=config.runtime.device,
-                                                    dtype=config.runtime.dtype, backend=config.runtime.backend)
+                                                    dtype=config.runtime.dtype, backend=config.runtime.backend,
+                                                    keep_landmarkers=True)  # a worker prepares row after row
             self.runner = JobRunner(pipe, self.name)
         except MuseTalkError as exc:
             self.error = exc.message + (f" (fix: {exc.fix})" if exc.fix else "")

@@ -443,7 +443,8 @@ class PipelineLoader:
                 self.check(version)
                 self._loaded[version] = MuseTalkPipeline.from_pretrained(self.models_dir, version=version,
                                                                          device=self.device, dtype=self.dtype,
-                                                                         backend=self.backend)
+                                                                         backend=self.backend,
+                                                                         keep_landmarkers=True)  # many avatars
             return self._loaded[version]
 
 

@@ -191,6 +191,10 @@ class MLXVAE:
         """(B, 256, 256, 3) uint8 BGR -> (B, 8, 32, 32): masked-half latents, then full-crop latents."""
         return torch.cat([self.encode(crops_bgr, mask_lower_half=True), self.encode(crops_bgr)], dim=1)
 
+    def release_encoder_pages(self) -> int:
+        """As the torch VAE's; MLX holds its own copy of the weights, nothing is mapped: 0."""
+        return 0
+
     def decode(self, latents: torch.Tensor | np.ndarray) -> np.ndarray:
         """(B, 4, 32, 32) latents -> (B, 256, 256, 3) uint8 BGR faces."""
         z = torch.as_tensor(latents).detach().to("cpu", torch.float32).numpy().transpose(0, 2, 3, 1)
