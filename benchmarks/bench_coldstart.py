@@ -296,6 +296,8 @@ hours on these shared instances, which is why the targets are ratios measured in
   +0.07-0.34 GB of peak, so not taken); `amx-channels-last` = 69a1609 (convolutions in channels_last on the CPU:
   bf16 VAE and UNet 1.45-2.6x faster alone, see `devices.conv_memory_format`); `amx-channels-last-trim` = this
   code (also hands the C heap's free pages back after every model batch: `devices.release_free_memory`).
+- AMD EPYC with AVX2 only (bf16 emulated: `--dtype auto` runs fp32 there, so fp32 only): `epyc-avx2-release` =
+  c56dcca (after preparing, the landmark models are dropped and the VAE encoder's mapped pages released).
 
 <details><summary>Profiler breakdowns of the cold runs</summary>
 

@@ -25,10 +25,12 @@ VERIFIERS: dict[str, tuple[str, str]] = {
 BACKEND_KINDS = {"musetalk"}  # sets whose verifier runs the UNet + VAE, on the backend asked for
 
 
-def verify_set(set_dir: Path, backend: str = "torch") -> tuple[str, list[StageResult]]:
+def verify_set(set_dir: Path, backend: str = "torch",
+               groups: list[str] | None = None) -> tuple[str, list[StageResult]]:
     """Verify one golden set; returns its kind and the per-stage results.
 
-    ``backend`` (torch | mlx) picks the UNet + VAE implementation of MuseTalk sets; other kinds ignore it.
+    ``backend`` (torch | mlx) picks the UNet + VAE implementation of MuseTalk sets, ``groups`` their stage groups
+    (default all, see ``golden_musetalk.STAGE_GROUPS``); other kinds ignore both.
     """
     for filename, (kind, target) in VERIFIERS.items():
         if (set_dir / filename).is_file():
@@ -39,7 +41,7 @@ def verify_set(set_dir: Path, backend: str = "torch") -> tuple[str, list[StageRe
                 if exc.name and exc.name.startswith("musetalk"):
                     return kind, [not_covered(kind, f"no implementation yet ({module_name})")]
                 raise
-            kwargs = {"backend": backend} if kind in BACKEND_KINDS else {}
+            kwargs = {"backend": backend, "groups": groups} if kind in BACKEND_KINDS else {}
             return kind, getattr(module, func_name)(set_dir, **kwargs)
     return "unknown", [StageResult("set", "n/a", float("nan"), "n/a", False,
                                    f"no known golden file in {set_dir} (expected one of {sorted(VERIFIERS)})")]
@@ -50,7 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("sets", nargs="+", type=Path, help="golden set folders")
     parser.add_argument("--backend", default="torch", choices=["torch", "mlx"],
                         help="UNet + VAE implementation for MuseTalk sets (default torch)")
+    parser.add_argument("--stages", default=None, metavar="GROUPS",
+                        help="comma-separated stage groups of MuseTalk sets (audio, faces, models, parsing, blending, "
+                             "chained; default all): e.g. models,chained to check a backend's UNet + VAE alone")
     args = parser.parse_args(argv)
+    groups = [g.strip() for g in args.stages.split(",") if g.strip()] if args.stages else None
     if args.backend == "mlx":
         from musetalk.errors import InputError
         from musetalk.stages.mlx import resolve_backend
@@ -66,7 +72,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"FAIL        {set_dir}: not a folder", flush=True)
             all_passed = False
             continue
-        kind, results = verify_set(set_dir, args.backend)
+        try:
+            kind, results = verify_set(set_dir, args.backend, groups)
+        except ValueError as exc:  # an unknown stage group
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         print(f"== {set_dir} ({kind}{', backend ' + args.backend if kind in BACKEND_KINDS else ''})", flush=True)
         for result in results:
             print("  " + result.line(), flush=True)
