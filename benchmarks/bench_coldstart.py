@@ -251,7 +251,7 @@ def markdown(all_results: dict[str, dict], models: Path) -> str:
             rows.append(
                 f"| {label} | {cpu} | {dtype} | {lw['load_s']:.1f} s / {lc['load_s']:.1f} s | {lw['import_s']:.1f} s "
                 f"| {lw['peak_rss_gb']:.2f} / {lw['rss_after_gb']:.2f} GB "
-                f"| {run['cold_peak_rss_gb']:.2f} GB (≤ {weights_gb(models, dtype) + 1.5:.1f}) "
+                f"| {run['cold_peak_rss_gb']:.2f} GB (≤ {weights_gb(models, dtype) + 1.5:.2f}) "
                 f"| {run['prepare_s_per_frame']:.2f} s vs {run['prepare_model_s_per_frame']:.2f} s "
                 f"(**{run['prepare_ratio']:.2f}×**) "
                 f"| {run['cold_total_s']:.0f} s vs {run['model_work_s']:.0f} s (**{run['cold_ratio']:.2f}×**) | {warm} |")
