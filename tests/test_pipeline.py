@@ -75,26 +75,25 @@ def test_video_source_cycles_and_reuses_a_prepared_avatar(pipe: MuseTalkPipeline
             calls["n"] += 1
             return real.detect(frame)
 
-    pipe._landmarkers["dlib"] = Counting()
-    try:
-        config = pipe.default_config()
-        avatar = pipe.prepare_avatar(short_clip, config, name="sample")
-        n_source = len(avatar)
-        assert calls["n"] == n_source and avatar.meta.faces == n_source
-        again = pipe.prepare_avatar(short_clip, config, name="sample")
-        assert calls["n"] == n_source, "a valid cached avatar must not be prepared again"
-        assert again.meta.key == avatar.meta.key
-        out = tmp_path / "video.mp4"
-        result = pipe.generate(short_clip, short_audio, out, config, avatar="sample", progress=False)
-        assert calls["n"] == n_source
-        info = probe(out)
-        assert result.num_frames == info.num_frames == int(len(load_audio(short_audio)) / 16000 * 25)
-        assert info.num_frames > n_source, "the sample audio is longer than the clip: the cycle must go backward"
-        # a changed setting invalidates the cache
-        pipe.prepare_avatar(short_clip, pipe.default_config(bbox_shift=3), name="sample")
-        assert calls["n"] == 2 * n_source
-    finally:
-        pipe._landmarkers["dlib"] = real
+    counting = Counting()
+    pipe = MuseTalkPipeline(pipe.audio_encoder, pipe.vae, pipe.unet, pipe.parser,
+                            landmarker_factory=lambda _name: counting)
+    config = pipe.default_config()
+    avatar = pipe.prepare_avatar(short_clip, config, name="sample")
+    n_source = len(avatar)
+    assert calls["n"] == n_source and avatar.meta.faces == n_source
+    again = pipe.prepare_avatar(short_clip, config, name="sample")
+    assert calls["n"] == n_source, "a valid cached avatar must not be prepared again"
+    assert again.meta.key == avatar.meta.key
+    out = tmp_path / "video.mp4"
+    result = pipe.generate(short_clip, short_audio, out, config, avatar="sample", progress=False)
+    assert calls["n"] == n_source
+    info = probe(out)
+    assert result.num_frames == info.num_frames == int(len(load_audio(short_audio)) / 16000 * 25)
+    assert info.num_frames > n_source, "the sample audio is longer than the clip: the cycle must go backward"
+    # a changed setting invalidates the cache
+    pipe.prepare_avatar(short_clip, pipe.default_config(bbox_shift=3), name="sample")
+    assert calls["n"] == 2 * n_source
 
 
 def test_frames_without_a_face_pass_through_untouched(pipe: MuseTalkPipeline, short_audio: Path,
