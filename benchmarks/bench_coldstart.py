@@ -297,7 +297,8 @@ hours on these shared instances, which is why the targets are ratios measured in
   bf16 VAE and UNet 1.45-2.6x faster alone, see `devices.conv_memory_format`); `amx-channels-last-trim` = this
   code (also hands the C heap's free pages back after every model batch: `devices.release_free_memory`).
 - AMD EPYC with AVX2 only (bf16 emulated: `--dtype auto` runs fp32 there, so fp32 only): `epyc-avx2-release` =
-  c56dcca (after preparing, the landmark models are dropped and the VAE encoder's mapped pages released).
+  c56dcca (after preparing, the landmark models are dropped and the VAE encoder's mapped pages released);
+  `epyc-avx2-release-2` = the same code measured again about 80 minutes later (the spread of one machine).
 
 <details><summary>Profiler breakdowns of the cold runs</summary>
 
