@@ -114,15 +114,16 @@ def to_memory_format(module: torch.nn.Module, memory_format: torch.memory_format
 
 
 @functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
+def linux_libc_function(name: str, argtypes: tuple[type, ...], restype: type) -> Callable[..., int] | None:
+    """The C library's ``name`` on Linux (ctypes, typed), looked up once; None elsewhere or where it has none."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        trim = ctypes.CDLL(None).malloc_trim  # glibc; musl and others have none
+        function = getattr(ctypes.CDLL(None, use_errno=True), name)
     except (OSError, AttributeError):
         return None
-    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    return cast(Callable[[int], int], trim)
+    function.argtypes, function.restype = list(argtypes), restype
+    return cast(Callable[..., int], function)
 
 
 def release_free_memory() -> bool:
@@ -134,7 +135,7 @@ def release_free_memory() -> bool:
     5.20 -> 5.08 GB) at the cost of faulting the freed pages in again (within the noise of the run's time).
     Costs a walk of the free lists: milliseconds.
     """
-    trim = _malloc_trim()
+    trim = linux_libc_function("malloc_trim", (ctypes.c_size_t,), ctypes.c_int)  # glibc's; musl has none
     if trim is None:
         return False
     trim(0)

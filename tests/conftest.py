@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -47,3 +48,12 @@ def write_wav(path: Path, samples, rate: int = 16000) -> Path:
         w.setframerate(rate)
         w.writeframes(data.tobytes())
     return path
+
+
+@pytest.fixture
+def python_ctrl_c():
+    """Python's own Ctrl-C handler for the test, as in a terminal: a suite started in the background by a
+    non-interactive shell (`cmd &`) inherits SIGINT ignored, and Python then installs no handler for it."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)

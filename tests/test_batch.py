@@ -200,13 +200,10 @@ def test_local_batch_prepares_the_shared_source_once(local_run: dict) -> None:
 
 
 def test_ctrl_c_cancels_and_leaves_no_partial_file(inputs: Path, tiny_models: Path, tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+                                                   monkeypatch: pytest.MonkeyPatch, python_ctrl_c: None) -> None:
     from musetalk.hooks import Hooks
 
     monkeypatch.setenv("MUSETALK_CACHE", str(tmp_path / "cache"))
-    # Python's own Ctrl-C handler, as in a terminal: a suite started in the background by a non-interactive shell
-    # (`cmd &`) inherits SIGINT ignored, and Python then installs no handler for it
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     out = tmp_path / "out"
     running: dict = {}
 
@@ -227,13 +224,10 @@ def test_ctrl_c_cancels_and_leaves_no_partial_file(inputs: Path, tiny_models: Pa
                     time.sleep(0.01)
                 os.kill(os.getpid(), signal.SIGINT)
 
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            batch.run(inputs / "jobs.csv", out, config=preset("v15", device="cpu", dtype="fp32"),
-                      models=tiny_models, skip_invalid=True, progress=False, on_job_start=started,
-                      hooks=CtrlCWhileEncoding())
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    with pytest.raises(KeyboardInterrupt):
+        batch.run(inputs / "jobs.csv", out, config=preset("v15", device="cpu", dtype="fp32"),
+                  models=tiny_models, skip_invalid=True, progress=False, on_job_start=started,
+                  hooks=CtrlCWhileEncoding())
     assert not list(out.glob("*.mp4")) and not _hidden(out)
     states = {row: records[0]["state"] for row, records in _summary(out / "summary.jsonl").items()}
     assert states == {2: "cancelled", 3: "cancelled", 4: "cancelled", 5: "invalid"}

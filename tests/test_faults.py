@@ -298,7 +298,7 @@ def test_signal_handlers_turn_stop_signals_into_a_clean_interrupt() -> None:
 
 @pytest.mark.parametrize("name", ["SIGTERM", "SIGINT"])
 def test_a_signal_whose_exception_was_swallowed_still_stops_the_run(name: str, media: Path, dirs: SimpleNamespace,
-                                                                    tiny_models: Path) -> None:
+                                                                    tiny_models: Path, python_ctrl_c: None) -> None:
     """A handler raises wherever the main thread is; extension code (PyAV's error check during an encode) can drop
     that exception, and the run went on to commit its output. The recorded signal is raised again at the next frame
     by the hooks the front ends hand in."""
@@ -322,16 +322,10 @@ def test_a_signal_whose_exception_was_swallowed_still_stops_the_run(name: str, m
 
     hooks = SwallowedAtFrame3()
     output = dirs.out / "out.mp4"
-    # Python's own Ctrl-C handler, as in a terminal: a suite started in the background (`cmd &`) inherits SIGINT
-    # ignored, and then neither Python nor the front ends take it over
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        with signals.stop_signals_as_interrupt():
-            with pytest.raises(KeyboardInterrupt) as info:
-                pipe.generate(media / "face.png", media / "long.wav", output, hooks=hooks)
-            assert signals.exit_status(info.value) == 128 + signum
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    with signals.stop_signals_as_interrupt():
+        with pytest.raises(KeyboardInterrupt) as info:
+            pipe.generate(media / "face.png", media / "long.wav", output, hooks=hooks)
+        assert signals.exit_status(info.value) == 128 + signum
     assert hooks.frames == 3, "stopped at the next frame"
     assert list(dirs.out.iterdir()) == []
     with signals.stop_signals_as_interrupt():  # a new block starts with no signal received

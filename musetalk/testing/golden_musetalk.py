@@ -195,14 +195,14 @@ def _chained(s: _Set) -> list[StageResult]:
 
 
 STAGE_GROUPS = ("audio", "faces", "models", "parsing", "blending", "chained")
-MODEL_GROUPS = ("models", "chained")  # the groups that run the UNet and the VAE (the backend's)
 
 
 def verify(set_dir: Path, backend: str = "torch", groups: Iterable[str] | None = None) -> list[StageResult]:
     """Run the stages of a MuseTalk golden set; one StageResult per compared array.
 
     ``backend="mlx"`` runs the UNet and the VAE (model stages and the chained run) on MLX, same tolerances.
-    ``groups``: a subset of :data:`STAGE_GROUPS` (default all), e.g. :data:`MODEL_GROUPS` for a backend check.
+    ``groups``: a subset of :data:`STAGE_GROUPS` (default all), e.g. ("models", "chained"): the
+    groups that run the UNet and the VAE, for a backend check.
     """
     wanted = tuple(groups) if groups is not None else STAGE_GROUPS
     unknown = sorted(set(wanted) - set(STAGE_GROUPS))

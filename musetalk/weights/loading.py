@@ -22,16 +22,15 @@ opens a checkpoint itself.
 from __future__ import annotations
 
 import ctypes
-import functools
 import os
-import sys
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Mapping, TypeVar, cast
+from typing import Callable, Iterable, Iterator, Mapping, TypeVar
 
 import torch
 
+from musetalk.devices import linux_libc_function
 from musetalk.errors import WeightsError
 
 # Checkpoint bytes read before the mapping is dropped and re-opened: bounds the load's peak to the model in its
@@ -191,18 +190,6 @@ def load_model(build: Callable[[], ModuleT], path: str | os.PathLike, *, device:
 _MADV_DONTNEED = 4  # Linux
 
 
-@functools.cache
-def _madvise() -> Callable[[int, int, int], int] | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        advise = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
-        return None
-    advise.argtypes, advise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
-    return cast(Callable[[int, int, int], int], advise)
-
-
 def _unwritten_file_mappings() -> list[tuple[int, int]]:
     """(start, end) of this process's mappings of files none of whose pages was ever written (no copy-on-write
     page: ``Anonymous: 0`` in /proc/self/smaps)."""
@@ -238,7 +225,7 @@ def release_mapped_pages(tensors: Iterable[torch.Tensor]) -> int:
     the process ends. Only whole pages inside a file mapping that was never written are dropped (nothing there
     can be lost); copies (a cast, another device), other systems and other mappings are left as they are (0).
     """
-    advise = _madvise()
+    advise = linux_libc_function("madvise", (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int), ctypes.c_int)
     if advise is None:
         return 0
     page = os.sysconf("SC_PAGE_SIZE")
