@@ -116,6 +116,12 @@ t = time.perf_counter()
 for f in frames:
     landmarker.detect(f)
 landmarks_pf = (time.perf_counter() - t) / len(frames)
+# preparation runs its models with freed blocks kept in the C heap (devices.freed_blocks_kept_in_heap): so here
+from musetalk import devices as _devices
+_heap = getattr(_devices, "freed_blocks_kept_in_heap", None)
+_heap_kept = _heap() if _heap is not None else None
+if _heap_kept is not None:
+    _heap_kept.__enter__()
 inputs = [parser_input(f, b, config.blend.expand) for f, b in zip(frames, boxes)]
 batch = config.runtime.batch_size
 parse_many = getattr(pipe.parser, "parse_batch", None)
@@ -132,6 +138,9 @@ t = time.perf_counter()
 for i in range(0, len(crops), batch):
     pipe.vae.unet_input(crops[i:i + batch])
 vae_encode_pf = (time.perf_counter() - t) / len(crops)
+if _heap_kept is not None:
+    _heap_kept.__exit__(None, None, None)
+    _devices.release_free_memory()  # as preparation does when it ends
 from musetalk.stages import audio as audio_stage
 wav = audio_stage.load_audio(audio)
 mels = pipe.audio_encoder.mel_segments(wav)
@@ -298,7 +307,10 @@ hours on these shared instances, which is why the targets are ratios measured in
   code (also hands the C heap's free pages back after every model batch: `devices.release_free_memory`).
 - AMD EPYC with AVX2 only (bf16 emulated: `--dtype auto` runs fp32 there, so fp32 only): `epyc-avx2-release` =
   c56dcca (after preparing, the landmark models are dropped and the VAE encoder's mapped pages released);
-  `epyc-avx2-release-2` = the same code measured again about 80 minutes later (the spread of one machine).
+  `epyc-avx2-release-2` = the same code measured again about 80 minutes later (the spread of one machine);
+  `epyc-avx2-heap-global` = glibc keeps freed blocks of up to 256 MB in its heap for the whole process (not
+  taken: +0.17 GB of peak); `epyc-avx2-heap-prep` = this code (kept only while preparation runs its models:
+  `devices.freed_blocks_kept_in_heap`).
 
 <details><summary>Profiler breakdowns of the cold runs</summary>
 

@@ -323,6 +323,39 @@ def test_on_the_cpu_the_heap_is_handed_back_after_every_batch(pipe: MuseTalkPipe
     assert len(released) == -(-result.num_frames // 4)
 
 
+def test_on_the_cpu_preparation_keeps_freed_activations_in_the_heap_and_the_stream_does_not(
+        pipe: MuseTalkPipeline, short_clip: Path, short_audio: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Preparation's VAE encodes run where glibc reuses freed large blocks instead of faulting them in on every
+    call (``devices.freed_blocks_kept_in_heap``); the stream's decodes do not (kept there, they raised the
+    run's peak)."""
+    import contextlib
+
+    import musetalk.stream.pipeline as pipeline_module
+
+    inside: list[bool] = []
+    seen: dict[str, list[bool]] = {"unet_input": [], "decode": []}
+
+    @contextlib.contextmanager
+    def recording_heap():
+        inside.append(True)
+        try:
+            yield True
+        finally:
+            inside.pop()
+
+    monkeypatch.setattr(pipeline_module, "freed_blocks_kept_in_heap", recording_heap)
+    for name, calls in seen.items():
+        method = getattr(pipe.vae, name)
+        monkeypatch.setattr(pipe.vae, name, lambda *a, _m=method, _c=calls, **k: _c.append(bool(inside)) or _m(*a, **k))
+    config = pipe.default_config(batch_size=4)
+    pipe.prepare_avatar(short_clip, config, name="heap-kept")
+    pipe.generate(short_clip, short_audio, tmp_path / "out.mp4", config, avatar="heap-kept", progress=False)
+    assert seen["unet_input"] and all(seen["unet_input"]), seen
+    assert seen["decode"] and not any(seen["decode"]), seen
+    assert inside == []  # left on the way out
+
+
 @pytest.mark.parametrize("keep", [False, True])
 def test_landmark_models_are_freed_after_preparing_unless_kept(pipe: MuseTalkPipeline, short_clip: Path,
                                                                 keep: bool) -> None:

@@ -11,6 +11,7 @@ bounded queues; per-source-frame work (landmarks, crop, latents, mask) is stored
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -34,7 +35,7 @@ from musetalk.stream.avatar import Avatar, AvatarMeta, AvatarWriter, avatar_key,
 from musetalk.stream.leftovers import Hold, held_temp_dir
 from musetalk.stream.paths import check_output_not_input
 from musetalk.config import GenerationConfig, preset
-from musetalk.devices import release_free_memory, resolve_device, resolve_dtype
+from musetalk.devices import freed_blocks_kept_in_heap, release_free_memory, resolve_device, resolve_dtype
 from musetalk.errors import InputError, NoFaceError, WeightsError
 from musetalk.hooks import ProgressBars, RunHooks, check_cancelled, combine
 from musetalk.weights import DOWNLOAD_HINT, default_models_dir, layout
@@ -356,17 +357,20 @@ class MuseTalkPipeline:
             run.progress("prepare", 0, total)
             items = _in_background(self._source_items(frames, landmarker, config, stage, smoother, run),
                                    maxsize=2 * batch, name="musetalk-avatar-reader")
+            # on the CPU the models' large activations are reused from the heap, not faulted in on every call
+            heap = freed_blocks_kept_in_heap() if self._release_heap_per_batch else contextlib.nullcontext()
             try:
-                for chunk in _chunks(items, batch):
-                    check_cancelled(run)
-                    size[:] = chunk[0].frame.shape[1], chunk[0].frame.shape[0]
-                    masks, latents = self._prepare_models(chunk, config, stage)
-                    counts["frames"] += len(chunk)
-                    counts["faces"] += sum(item.face_box is not None for item in chunk)
-                    pending.append(disk.submit(_write_chunk, writer, chunk, masks, latents))
-                    while len(pending) > 2:  # at most two chunks of frames waiting for the disk
-                        pending.popleft().result()
-                    run.progress("prepare", counts["frames"], total)
+                with heap:
+                    for chunk in _chunks(items, batch):
+                        check_cancelled(run)
+                        size[:] = chunk[0].frame.shape[1], chunk[0].frame.shape[0]
+                        masks, latents = self._prepare_models(chunk, config, stage)
+                        counts["frames"] += len(chunk)
+                        counts["faces"] += sum(item.face_box is not None for item in chunk)
+                        pending.append(disk.submit(_write_chunk, writer, chunk, masks, latents))
+                        while len(pending) > 2:  # at most two chunks of frames waiting for the disk
+                            pending.popleft().result()
+                        run.progress("prepare", counts["frames"], total)
             finally:
                 items.close()
             while pending:
